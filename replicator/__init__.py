@@ -1,0 +1,3 @@
+"""replicator: continuous data replication to a disaster-recovery site."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""The `replicator` command: one module per subcommand, each with `add_parser` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from replicator import __version__
+from replicator.errors import ReplicatorError
+
+COMMANDS = ("receiver", "agent", "mirror", "status", "promote")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # usage errors exit 2 with one line, as every other error
+        self.exit(2, f"replicator: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="replicator", description="Continuous replication to a DR site.")
+    parser.add_argument("--version", action="version", version=f"replicator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        module = importlib.import_module(f"replicator.cli.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args))
+    except ReplicatorError as e:
+        print(f"replicator {args.command}: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0

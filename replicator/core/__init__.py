@@ -1,0 +1,1 @@
+"""Pure, synchronous building blocks: no I/O beyond a file handle, no logging."""

@@ -1,0 +1,13 @@
+"""The only package that imports the generated protobuf modules.
+
+`pb` and `rpc` are the generated modules; `convert` turns core records into protobuf
+frames and back, checking everything that comes from the wire.
+"""
+
+from replicator.v1 import replicator_pb2 as pb
+from replicator.v1 import replicator_pb2_grpc as rpc
+
+PROTOCOL_VERSION = 1
+SERVICE_NAME = "replicator.v1.Replicator"
+
+__all__ = ["pb", "rpc", "PROTOCOL_VERSION", "SERVICE_NAME"]

@@ -1,0 +1,137 @@
+"""Conversions between core records and protobuf messages.
+
+Everything that arrives from the wire is checked here before any other module sees it:
+enum values, lengths and sizes. Paths are checked by the receiver against its mirror
+(`replicator.core.paths`), since only it knows the root.
+"""
+
+from __future__ import annotations
+
+from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
+from replicator.errors import ProtocolError
+from replicator.wire import pb
+
+MAX_BLOCK_SIZE = 1 << 20
+MAX_DIGEST = 16
+MAX_PATH_BYTES = 4096
+MAX_XATTRS = 1024
+MAX_XATTR_VALUE = 64 * 1024
+MAX_FILE_SIZE = 1 << 50
+
+
+def attrs_to_pb(a: Attrs, out: pb.Attrs) -> None:
+    out.mode = a.mode
+    out.mtime_ns = a.mtime_ns
+    if a.uid is not None and a.gid is not None:
+        out.has_owner = True
+        out.uid = a.uid
+        out.gid = a.gid
+    if a.xattrs is not None:
+        out.has_xattrs = True
+        for k, v in a.xattrs.items():
+            out.xattrs[k] = v
+
+
+def attrs_from_pb(m: pb.Attrs) -> Attrs:
+    xattrs = None
+    if m.has_xattrs:
+        if len(m.xattrs) > MAX_XATTRS:
+            raise ProtocolError(f"{len(m.xattrs)} extended attributes is too many")
+        for k, v in m.xattrs.items():
+            if not k or "\0" in k or len(v) > MAX_XATTR_VALUE:
+                raise ProtocolError(f"extended attribute {k[:64]!r} is invalid")
+        xattrs = dict(m.xattrs)
+    return Attrs(
+        mode=m.mode, mtime_ns=m.mtime_ns,
+        uid=m.uid if m.has_owner else None, gid=m.gid if m.has_owner else None,
+        xattrs=xattrs,
+    )
+
+
+def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.Frame:
+    m = out if out is not None else pb.Frame()
+    m.dataset = dataset
+    m.lsn = frame.lsn
+    body = frame.body
+    if isinstance(body, Block):
+        b = m.block
+        b.index = body.index
+        b.codec = int(body.codec)  # type: ignore[assignment]
+        b.raw_len = body.raw_len
+        b.data = body.data
+    elif isinstance(body, Header):
+        h = m.header
+        h.op = int(body.op)  # type: ignore[assignment]
+        h.path = body.path
+        h.new_path = body.new_path
+        h.target = body.target
+        if body.attrs is not None:
+            attrs_to_pb(body.attrs, h.attrs)
+        h.size = body.size
+        h.base = int(body.base)  # type: ignore[assignment]
+        h.base_digest = body.base_digest
+        h.block_size = body.block_size
+        h.first_seen = body.first_seen
+        h.raw_bytes = body.raw_bytes
+    else:
+        m.end.digest = body.digest
+        m.end.aborted = body.aborted
+    return m
+
+
+def _check_path(p: str, what: str) -> None:
+    if len(p.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ProtocolError(f"{what} is longer than {MAX_PATH_BYTES} bytes")
+
+
+def frame_from_pb(m: pb.Frame) -> Frame:
+    """Checks and converts one frame; raises ProtocolError on anything malformed."""
+    if m.lsn <= 0:
+        raise ProtocolError(f"frame with LSN {m.lsn}")
+    kind = m.WhichOneof("body")
+    if kind == "block":
+        b = m.block
+        try:
+            codec = Codec(b.codec)
+        except ValueError:
+            raise ProtocolError(f"LSN {m.lsn}: unknown codec {b.codec}") from None
+        if not 0 < b.raw_len <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"LSN {m.lsn}: block of {b.raw_len} bytes")
+        if codec is Codec.RAW and len(b.data) != b.raw_len:
+            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(b.data)} != {b.raw_len}")
+        if codec is Codec.ZERO and b.data:
+            raise ProtocolError(f"LSN {m.lsn}: zero block carries data")
+        if len(b.data) > MAX_BLOCK_SIZE + 4096:
+            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(b.data)} bytes")
+        return Frame(m.lsn, Block(b.index, codec, b.raw_len, b.data))
+    if kind == "header":
+        h = m.header
+        try:
+            op = Op(h.op)
+            base = Base(h.base)
+        except ValueError:
+            raise ProtocolError(f"LSN {m.lsn}: unknown op {h.op} or base {h.base}") from None
+        _check_path(h.path, "path")
+        _check_path(h.new_path, "new_path")
+        _check_path(h.target, "symlink target")
+        if op is Op.FILE:
+            bs = h.block_size
+            if not 4096 <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
+                raise ProtocolError(f"LSN {m.lsn}: block size {bs}")
+            if h.size > MAX_FILE_SIZE:
+                raise ProtocolError(f"LSN {m.lsn}: file size {h.size}")
+            if base is Base.PREVIOUS and len(h.base_digest) != MAX_DIGEST:
+                raise ProtocolError(f"LSN {m.lsn}: patch without a valid base digest")
+        if op in (Op.FILE, Op.MKDIR, Op.SYMLINK, Op.SETATTR) and not h.HasField("attrs"):
+            raise ProtocolError(f"LSN {m.lsn}: {op.name} without attributes")
+        return Frame(m.lsn, Header(
+            op=op, path=h.path, new_path=h.new_path, target=h.target,
+            attrs=attrs_from_pb(h.attrs) if h.HasField("attrs") else None,
+            size=h.size, base=base, base_digest=h.base_digest, block_size=h.block_size,
+            first_seen=h.first_seen, raw_bytes=h.raw_bytes,
+        ))
+    if kind == "end":
+        if len(m.end.digest) not in (0, MAX_DIGEST):
+            raise ProtocolError(f"LSN {m.lsn}: digest of {len(m.end.digest)} bytes")
+        return Frame(m.lsn, End(m.end.digest, m.end.aborted))
+    raise ProtocolError(f"LSN {m.lsn}: frame without a body")

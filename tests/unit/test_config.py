@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from replicator.config import load_agent, load_receiver, parse_size
+from replicator.errors import ConfigError
+
+AGENT_OK = """
+source_id = "app1"
+receiver = "127.0.0.1:50051"
+state_dir = "/var/lib/replicator/agent"
+block_size = "64KiB"
+
+[[datasets]]
+name = "docs"
+type = "directory"
+path = "/srv/docs"
+exclude = ["*.swp", "tmp/**"]
+"""
+
+RECEIVER_OK = """
+listen = "127.0.0.1:50051"
+state_dir = "/var/lib/replicator/receiver"
+mirror_root = "/srv/mirror"
+http = "127.0.0.1:9465"
+
+[[sources]]
+id = "app1"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_agent_ok(tmp_path: Path) -> None:
+    c = load_agent(write(tmp_path, AGENT_OK))
+    assert c.source_id == "app1"
+    assert c.block_size == 65536
+    assert c.datasets[0].exclude == ("*.swp", "tmp/**")
+
+
+def test_receiver_ok(tmp_path: Path) -> None:
+    c = load_receiver(write(tmp_path, RECEIVER_OK))
+    assert c.sources == ("app1",)
+    assert c.mirror_root == Path("/srv/mirror")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('source_id = "app1"', 'source_id = "app 1"'), "source_id"),
+        (('source_id = "app1"', ""), "source_id: is required"),
+        (('block_size = "64KiB"', 'block_size = "3KiB"'), "block_size"),
+        (('block_size = "64KiB"', 'block_size = "lots"'), "block_size"),
+        (('receiver = "127.0.0.1:50051"', 'receiver = "dr.example.org:50051"'), "allow_insecure"),
+        (('receiver = "127.0.0.1:50051"', 'receiver = "nohost"'), "receiver"),
+        (('type = "directory"', 'type = "nfs"'), "datasets[0].type"),
+        (('path = "/srv/docs"', 'path = "srv/docs"'), "absolute"),
+        (('name = "docs"', 'name = "docs"\ncolour = "red"'), "datasets[0].colour: unknown key"),
+        (('block_size = "64KiB"', "block_size = true"), "block_size"),
+        (('state_dir = "/var/lib/replicator/agent"', "state_dir = 5"), "state_dir"),
+        (("[[datasets]]", "[[datasets]]\nname = 'docs'\ntype='directory'\npath='/x'\n[[datasets]]"),
+         "used twice"),
+    ],
+)
+def test_agent_invalid(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    text = AGENT_OK.replace(*change)
+    with pytest.raises(ConfigError) as e:
+        load_agent(write(tmp_path, text))
+    assert message in str(e.value)
+    assert str(tmp_path / "c.toml") in str(e.value)
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_receiver(write(tmp_path, "listen = "))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_receiver(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(("text", "value"), [("64KiB", 65536), ("1MiB", 1 << 20), (4096, 4096),
+                                             ("512", 512)])
+def test_parse_size(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
