@@ -135,3 +135,17 @@ def frame_from_pb(m: pb.Frame) -> Frame:
             raise ProtocolError(f"LSN {m.lsn}: digest of {len(m.end.digest)} bytes")
         return Frame(m.lsn, End(m.end.digest, m.end.aborted))
     raise ProtocolError(f"LSN {m.lsn}: frame without a body")
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """A frame as the bytes the receiver's journal stores (a serialized pb.Frame)."""
+    return frame_to_pb(0, frame).SerializeToString()
+
+
+def decode_frame(payload: bytes) -> Frame:
+    """Inverse of encode_frame; checks the frame like anything else from the wire."""
+    try:
+        m = pb.Frame.FromString(payload)
+    except Exception as e:  # protobuf raises DecodeError, a bare Exception subclass
+        raise ProtocolError(f"undecodable frame: {e}") from None
+    return frame_from_pb(m)
