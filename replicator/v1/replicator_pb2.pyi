@@ -234,10 +234,12 @@ class DatasetPosition(_message.Message):
     def __init__(self, dataset: _Optional[int] = ..., epoch: _Optional[int] = ..., written_lsn: _Optional[int] = ..., flushed_lsn: _Optional[int] = ..., applied_lsn: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("datasets",)
+    __slots__ = ("datasets", "stream_bytes")
     DATASETS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetAck]
-    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetAck, _Mapping]]] = ...) -> None: ...
+    stream_bytes: int
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetAck, _Mapping]]] = ..., stream_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetAck(_message.Message):
     __slots__ = ("dataset", "written_lsn", "flushed_lsn", "applied_lsn", "state", "error", "resync_paths")
