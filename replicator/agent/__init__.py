@@ -1,0 +1,1 @@
+"""The agent: watches datasets on the primary and ships their changes to the receiver."""
