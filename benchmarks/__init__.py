@@ -1,0 +1,1 @@
+"""Benchmarks of replicator side by side with rsync; `make bench` runs benchmarks/run.py."""

@@ -1,0 +1,156 @@
+"""`replicator mirror` as a child process, and what the benchmarks read from it.
+
+A mirror has caught up when every dataset in its `/status` is `streaming` with no pending
+changes and `applied_lsn == written_lsn` (CONTRACT.md). Right after a start the status may
+not yet know about changes the agent has not scanned, so callers also pass a cheap check
+of the destination (size and mtime of the file they expect), evaluated only once the
+status says caught up.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.util import free_port
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+HTTP_TIMEOUT = 2.0
+REPLICATOR = [sys.executable, "-m", "replicator"]
+
+# replicator_bytes_total{...,stage="wire",...} 1234.0
+_SAMPLE = re.compile(r"^replicator_bytes_total\{([^}]*)\}\s+([0-9.eE+-]+)", re.MULTILINE)
+_WIRE = re.compile(r'\bstage="wire"')
+
+
+class MirrorUnavailable(RuntimeError):
+    """`replicator mirror` exited on its own before serving a status."""
+
+
+def is_caught_up(doc: dict[str, Any] | None) -> bool:
+    if not doc or not doc.get("datasets"):
+        return False
+    return all(d.get("state") == "streaming" and d.get("pending_changes") == 0
+               and d.get("applied_lsn") == d.get("written_lsn")
+               for d in doc["datasets"])
+
+
+def parse_wire_bytes(metrics: str) -> int | None:
+    """replicator_bytes_total with stage="wire", or None when the metric is absent.
+
+    A mirror process holds both the agent and the receiver; if both export the counter
+    (under some distinguishing label) each sees the same bytes, so the largest series is
+    taken rather than the sum."""
+    values = [float(v) for labels, v in _SAMPLE.findall(metrics) if _WIRE.search(labels)]
+    return int(max(values)) if values else None
+
+
+class MirrorProcess:
+    """One `replicator mirror SRC DST --http 127.0.0.1:PORT --state-dir DIR` process.
+
+    Its stderr goes to `log_path`; `stop()` sends SIGTERM and waits."""
+
+    def __init__(self, src: Path, dst: Path, state_dir: Path, log_path: Path,
+                 command: list[str] | None = None) -> None:
+        self.src, self.dst, self.state_dir, self.log_path = src, dst, state_dir, log_path
+        self.command = command or REPLICATOR
+        self.port = 0
+        self.started_at = 0.0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: http.client.HTTPConnection | None = None
+
+    def start(self) -> None:
+        """Spawn the process (returns at once; `started_at` is the perf_counter time)."""
+        self.port = free_port()
+        self.dst.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.command, "mirror", str(self.src), str(self.dst),
+               "--http", f"127.0.0.1:{self.port}", "--state-dir", str(self.state_dir)]
+        with open(self.log_path, "ab") as log:
+            self.started_at = time.perf_counter()
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise MirrorUnavailable(f"replicator mirror exited {self._proc.returncode}: "
+                                    f"{self.log_tail()}")
+
+    def _get(self, path: str) -> str | None:
+        """GET over one kept-alive connection; None when the daemon does not answer."""
+        for _ in range(2):  # one retry: the server may have closed an idle connection
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                        timeout=HTTP_TIMEOUT)
+            try:
+                self._conn.request("GET", path)
+                resp = self._conn.getresponse()
+                body = resp.read().decode()
+                return body if resp.status == 200 else None
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None
+        return None
+
+    def status(self) -> dict[str, Any] | None:
+        body = self._get("/status")
+        if body is None:
+            return None
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def dataset(self) -> dict[str, Any] | None:
+        """The first dataset's status object (a mirror has one)."""
+        doc = self.status()
+        return doc["datasets"][0] if doc and doc.get("datasets") else None
+
+    def wire_bytes(self) -> int | None:
+        body = self._get("/metrics")
+        return parse_wire_bytes(body) if body is not None else None
+
+    def wait_caught_up(self, timeout: float, interval: float = 0.01,
+                       dst_ready: Callable[[], bool] | None = None) -> float:
+        """Poll until caught up (and `dst_ready()`, if given); return the perf_counter time
+        it was first seen. Raises MirrorUnavailable if the process dies, TimeoutError."""
+        end = time.perf_counter() + timeout
+        while True:
+            self.check_alive()
+            if is_caught_up(self.status()) and (dst_ready is None or dst_ready()):
+                return time.perf_counter()
+            if time.perf_counter() > end:
+                raise TimeoutError(f"replicator mirror not caught up after {timeout:.0f}s; "
+                                   f"status={self.status()}")
+            time.sleep(interval)
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL if it does not stop in time. Safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None

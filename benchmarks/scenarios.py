@@ -1,0 +1,439 @@
+"""The four benchmarks, each run side by side with rsync where rsync has a counterpart.
+
+Fairness: both tools get the same source data, a destination in the same state, and (when
+the page cache can be dropped) a cold cache before every timed run; the tool that goes
+first alternates between repetitions. Times are wall clock from process start to done:
+rsync's process exit; replicator's first `/status` poll (every 10 ms) that shows it caught
+up with the destination file in place. So replicator's times include its start-up.
+Every timed result is then checked against the source (untimed); a mismatch is reported,
+never silently timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import datagen
+from benchmarks.mirror import MirrorProcess, MirrorUnavailable, is_caught_up
+from benchmarks.report import MIB, Row, Target, median, percentile
+from benchmarks.rsyncd import RsyncDaemon
+from benchmarks.util import count_files, drop_caches, files_equal, trees_equal
+
+log = logging.getLogger("bench")
+
+SYNC_TIMEOUT = 600.0
+CATCH_UP_POLL = 0.01
+LATENCY_FILE_SIZE = 64 * 1024
+LATENCY_FILE_POLL = 0.001
+LATENCY_STATUS_POLL = 0.002
+LATENCY_TIMEOUT = 5.0  # a write not visible/durable by then counts as this long
+
+
+def _ms(seconds: float | None) -> float:
+    return (LATENCY_TIMEOUT if seconds is None else seconds) * 1000
+
+
+@dataclass
+class Settings:
+    workdir: Path
+    reps: int = 3
+    big_size: int = 1024 * MIB
+    small_files: int = 20_000
+    small_dirs: int = 100
+    small_size: int = 4096
+    resync_fraction: float = 0.01
+    latency_writes: int = 100
+    latency_hz: float = 20.0
+    drop_caches: bool = True
+    seed: int = 42
+    replicator: list[str] | None = None
+
+
+def size_label(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    rsyncd: RsyncDaemon
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    replicator_error: str | None = None
+    _synced: set[str] = field(default_factory=set)  # "big:rsync", "big:replicator"
+    _runs: int = 0
+
+    # --- paths -----------------------------------------------------------------------
+
+    def _dir(self, *parts: str) -> Path:
+        return self.settings.workdir.joinpath(*parts)
+
+    @property
+    def big_src(self) -> Path:
+        return self._dir("src-big", "big.bin")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def cold(self) -> None:
+        if self.settings.drop_caches and not drop_caches():
+            self.settings.drop_caches = False
+            self.notes.append("could not drop the page cache: runs are warm after the first")
+
+    def rsync(self, src: Path, subpath: str) -> tuple[float, int]:
+        self.cold()
+        r = self.rsyncd.sync(src, subpath)
+        log.info("rsync done module_path=%s seconds=%.3f wire_bytes=%d",
+                 subpath, r.seconds, r.wire_bytes)
+        return r.seconds, r.wire_bytes
+
+    def replicator(self, src: Path, dst: Path, state: Path,
+                   dst_ready: Callable[[], bool]) -> tuple[float, int | None] | None:
+        """Start a mirror, time it to caught up, read the wire bytes, stop it. None when
+        replicator cannot run (then its columns read n/a)."""
+        if self.replicator_error is not None:
+            return None
+        self.cold()
+        self._runs += 1
+        proc = self._mirror(src, dst, state, f"run{self._runs}")
+        try:
+            proc.start()
+            done = proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL, dst_ready)
+            seconds = done - proc.started_at
+            wire = proc.wire_bytes()
+        except (MirrorUnavailable, TimeoutError) as e:
+            self._give_up(str(e))
+            return None
+        finally:
+            proc.stop()
+        log.info("replicator done src=%s seconds=%.3f wire_bytes=%s", src.name, seconds, wire)
+        return seconds, wire
+
+    def _mirror(self, src: Path, dst: Path, state: Path, name: str) -> MirrorProcess:
+        logs = self._dir("logs")
+        logs.mkdir(exist_ok=True)
+        return MirrorProcess(src, dst, state, logs / f"mirror-{name}.log",
+                             self.settings.replicator)
+
+    def _give_up(self, why: str) -> None:
+        self.replicator_error = why
+        self.notes.append(f"replicator skipped from here on: {why}")
+        log.warning("replicator unavailable reason=%r", why)
+
+    def _check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+            log.error("verification failed what=%r", what)
+
+    @staticmethod
+    def _fresh(*paths: Path) -> None:
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _same_file(self, src: Path, dst: Path) -> Callable[[], bool]:
+        def ready() -> bool:
+            try:
+                a, b = src.stat(), dst.stat()
+            except OSError:
+                return False
+            return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+        return ready
+
+    def _ordered(self, rep: int, first: Callable[[], None],
+                 second: Callable[[], None]) -> None:
+        """Alternate which tool goes first, so neither always gets the warmer machine."""
+        for step in ((first, second) if rep % 2 == 0 else (second, first)):
+            step()
+
+    # --- data ------------------------------------------------------------------------
+
+    def prepare_big(self) -> None:
+        if self.big_src.exists():
+            return
+        self.big_src.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        datagen.make_big_file(self.big_src, self.settings.big_size, self.settings.seed)
+        log.info("generated big file bytes=%d seconds=%.1f", self.settings.big_size,
+                 time.perf_counter() - t0)
+
+    def prepare_small(self) -> Path:
+        src = self._dir("src-small")
+        if not src.exists():
+            s = self.settings
+            datagen.make_small_tree(src, s.small_files, s.small_dirs, s.small_size, s.seed)
+            log.info("generated small files count=%d dirs=%d", s.small_files, s.small_dirs)
+        return src
+
+    # --- 1. initial sync of the big file ---------------------------------------------
+
+    def initial_big(self) -> None:
+        self.prepare_big()
+        label = size_label(self.settings.big_size)
+        t = Row(f"initial sync, {label} file (half random, half text)", "s",
+                target=Target("ratio", 1 / 1.5, "<= 0.67 (1.5x faster)"))
+        w = Row(f"initial sync, {label} file: bytes on the wire", "MiB")
+        src, rs_dst = self.big_src.parent, self.rsyncd.root / "big"
+        dst, state = self._dir("dst-big"), self._dir("state-big")
+
+        for rep in range(self.settings.reps):
+            def run_rsync() -> None:
+                self._fresh(rs_dst)
+                seconds, wire = self.rsync(src, "big")
+                t.rsync.append(seconds)
+                w.rsync.append(wire / MIB)
+                self._check(files_equal(self.big_src, rs_dst / "big.bin"), "rsync big file")
+                self._synced.add("big:rsync")
+
+            def run_replicator() -> None:
+                self._fresh(dst, state)
+                self._synced.discard("big:replicator")
+                r = self.replicator(src, dst, state,
+                                    self._same_file(self.big_src, dst / "big.bin"))
+                if r is None:
+                    return
+                t.replicator.append(r[0])
+                if r[1] is not None:
+                    w.replicator.append(r[1] / MIB)
+                self._check(files_equal(self.big_src, dst / "big.bin"), "replicator big file")
+                self._synced.add("big:replicator")
+
+            self._ordered(rep, run_rsync, run_replicator)
+        self.rows += [t, w]
+
+    # --- 2. initial sync of many small files -----------------------------------------
+
+    def initial_small(self) -> None:
+        s = self.settings
+        src = self.prepare_small()
+        t = Row(f"initial sync, {s.small_files} x {size_label(s.small_size)} files "
+                f"in {s.small_dirs} dirs", "s",
+                target=Target("ratio", 1.0, "<= 1.00 (as fast)"))
+        rs_dst, dst, state = self.rsyncd.root / "small", self._dir("dst-small"), \
+            self._dir("state-small")
+
+        def all_there() -> bool:
+            return count_files(dst) >= s.small_files
+
+        for rep in range(s.reps):
+            def run_rsync() -> None:
+                self._fresh(rs_dst)
+                t.rsync.append(self.rsync(src, "small")[0])
+                self._check(trees_equal(src, rs_dst), "rsync small files")
+
+            def run_replicator() -> None:
+                self._fresh(dst, state)
+                r = self.replicator(src, dst, state, all_there)
+                if r is None:
+                    return
+                t.replicator.append(r[0])
+                self._check(trees_equal(src, dst), "replicator small files")
+
+            self._ordered(rep, run_rsync, run_replicator)
+        # 20k files are cheap to make again but slow to delete: drop them now
+        self._fresh(rs_dst, dst, state)
+        self.rows.append(t)
+
+    # --- 3. resync after 1% scattered change ------------------------------------------
+
+    def resync(self) -> None:
+        s = self.settings
+        self.prepare_big()
+        src, rs_dst = self.big_src.parent, self.rsyncd.root / "big"
+        dst, state = self._dir("dst-big"), self._dir("state-big")
+        same = self._same_file(self.big_src, dst / "big.bin")
+        # both destinations must hold the current file first; untimed
+        if "big:rsync" not in self._synced:
+            self.rsync(src, "big")
+            self._synced.add("big:rsync")
+        if "big:replicator" not in self._synced:
+            self._fresh(dst, state)
+            if self.replicator(src, dst, state, same) is not None:
+                self._synced.add("big:replicator")
+
+        pct = f"{s.resync_fraction * 100:g}%"
+        t = Row(f"resync after {pct} changed in scattered 4 KiB writes", "s",
+                target=Target("ratio", 0.5, "<= 0.50"))
+        w = Row(f"resync after {pct} changed: bytes on the wire", "MiB")
+        touched_row = Row("  touched 64 KiB blocks x 64 KiB (same for both)", "MiB")
+        wt = Row("  wire bytes / touched blocks", "x",
+                 target=Target("absolute", 1.25, "replicator <= 1.25"))
+
+        for rep in range(s.reps):
+            offsets = datagen.scatter_writes(self.big_src, s.resync_fraction,
+                                             s.seed + 1000 + rep)
+            touched = datagen.touched_blocks(offsets) * datagen.BLOCK_SIZE
+            touched_row.replicator.append(touched / MIB)
+            touched_row.rsync.append(touched / MIB)
+            log.info("modified big file writes=%d touched_bytes=%d", len(offsets), touched)
+
+            def run_rsync(touched: int = touched) -> None:
+                seconds, wire = self.rsync(src, "big")
+                t.rsync.append(seconds)
+                w.rsync.append(wire / MIB)
+                wt.rsync.append(wire / touched)
+                self._check(files_equal(self.big_src, rs_dst / "big.bin"), "rsync resync")
+
+            def run_replicator(touched: int = touched) -> None:
+                if "big:replicator" not in self._synced:
+                    return
+                r = self.replicator(src, dst, state, same)
+                if r is None:
+                    self._synced.discard("big:replicator")
+                    return
+                t.replicator.append(r[0])
+                if r[1] is not None:
+                    w.replicator.append(r[1] / MIB)
+                    wt.replicator.append(r[1] / touched)
+                self._check(files_equal(self.big_src, dst / "big.bin"), "replicator resync")
+
+            self._ordered(rep, run_rsync, run_replicator)
+        self.rows += [t, w, touched_row, wt]
+
+    # --- 4. latency of single small changes ---------------------------------------------
+
+    def latency(self) -> None:
+        s = self.settings
+        vis_med = Row("latency write -> visible in mirror, median", "ms",
+                      target=Target("absolute", 25, "<= 25 ms"))
+        vis_p99 = Row("latency write -> visible in mirror, p99", "ms",
+                      target=Target("absolute", 100, "<= 100 ms"))
+        dur_med = Row("latency write -> applied_lsn (durable), median", "ms",
+                      target=Target("absolute", 25, "<= 25 ms"))
+        dur_p99 = Row("latency write -> applied_lsn (durable), p99", "ms",
+                      target=Target("absolute", 100, "<= 100 ms"))
+        rows = [vis_med, vis_p99, dur_med, dur_p99]
+        for rep in range(s.reps):
+            if self.replicator_error is not None:
+                break
+            try:
+                visible, durable = self._latency_run(rep)
+            except (MirrorUnavailable, TimeoutError) as e:
+                self._give_up(str(e))
+                break
+            vis_med.replicator.append(_ms(median(visible)))
+            vis_p99.replicator.append(_ms(percentile(visible, 99)))
+            dur_med.replicator.append(_ms(median(durable)))
+            dur_p99.replicator.append(_ms(percentile(durable, 99)))
+        self.rows += rows
+
+    def _latency_run(self, rep: int) -> tuple[list[float], list[float]]:
+        s = self.settings
+        src, dst, state = self._dir("src-lat"), self._dir("dst-lat"), self._dir("state-lat")
+        self._fresh(src, dst, state)
+        src.mkdir(parents=True)
+        rng = random.Random(s.seed + 2000 + rep)
+        hot, mirrored = src / "hot.bin", dst / "hot.bin"
+        hot.write_bytes(rng.randbytes(LATENCY_FILE_SIZE))
+        proc = self._mirror(src, dst, state, f"latency{rep}")
+        visible: list[float] = []
+        durable: list[float] = []
+        misses = 0
+        try:
+            proc.start()
+            proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL, lambda: files_equal(hot, mirrored))
+            ds = proc.dataset()
+            assert ds is not None
+            baseline = int(ds["written_lsn"])
+            first_lsn = baseline
+            slots = LATENCY_FILE_SIZE // datagen.WRITE_SIZE
+            period = 1 / s.latency_hz
+            next_at = time.perf_counter()
+            for i in range(s.latency_writes):
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at = max(next_at + period, time.perf_counter())
+                off = (i % slots) * datagen.WRITE_SIZE
+                payload = f"write {i:06d} ".encode() + rng.randbytes(datagen.WRITE_SIZE - 13)
+                with open(hot, "r+b") as f:
+                    f.seek(off)
+                    f.write(payload)
+                t0 = time.perf_counter()
+                vis, dur = self._watch(proc, mirrored, off, payload, baseline + 1, t0)
+                misses += vis is None or dur is None
+                visible.append(LATENCY_TIMEOUT if vis is None else vis)
+                durable.append(LATENCY_TIMEOUT if dur is None else dur)
+                baseline = self._settle(proc, baseline + 1)
+            per_write = (baseline - first_lsn) / s.latency_writes
+        finally:
+            proc.stop()
+        self._check(files_equal(hot, mirrored), "replicator latency file")
+        log.info("latency run rep=%d writes=%d misses=%d records_per_write=%.2f "
+                 "visible_p50_ms=%.1f durable_p50_ms=%.1f", rep, s.latency_writes, misses,
+                 per_write, _ms(median(visible)), _ms(median(durable)))
+        if misses:
+            self.notes.append(f"latency rep {rep}: {misses} writes not seen within "
+                              f"{LATENCY_TIMEOUT:.0f}s, counted as {LATENCY_TIMEOUT:.0f}s")
+        if per_write != 1:
+            self.notes.append(f"latency rep {rep}: {per_write:.2f} records per write "
+                              "(durable = applied_lsn reached the first of them)")
+        return visible, durable
+
+    @staticmethod
+    def _watch(proc: MirrorProcess, mirrored: Path, off: int, payload: bytes,
+               expected_lsn: int, t0: float) -> tuple[float | None, float | None]:
+        """Seconds from t0 until the mirror file shows payload at off (polled every 1 ms)
+        and until applied_lsn >= expected_lsn (polled every 2 ms); None on timeout.
+
+        The status is polled from its own thread: an HTTP round trip takes about as long
+        as the poll interval, and must not delay the file polls."""
+        result: dict[str, float] = {}
+
+        def poll_status() -> None:
+            while time.perf_counter() - t0 < LATENCY_TIMEOUT:
+                ds = proc.dataset()
+                if ds is not None and int(ds.get("applied_lsn") or 0) >= expected_lsn:
+                    result["durable"] = time.perf_counter() - t0
+                    return
+                time.sleep(LATENCY_STATUS_POLL)
+
+        poller = threading.Thread(target=poll_status, daemon=True)
+        poller.start()
+        vis: float | None = None
+        while vis is None and time.perf_counter() - t0 < LATENCY_TIMEOUT:
+            try:
+                fd = os.open(mirrored, os.O_RDONLY)
+                try:
+                    seen = os.pread(fd, len(payload), off)
+                finally:
+                    os.close(fd)
+            except OSError:
+                seen = b""
+            if seen == payload:
+                vis = time.perf_counter() - t0
+            else:
+                time.sleep(LATENCY_FILE_POLL)
+        poller.join()
+        return vis, result.get("durable")
+
+    @staticmethod
+    def _settle(proc: MirrorProcess, at_least: int) -> int:
+        """Wait until caught up again; the LSN the next write builds on."""
+        end = time.perf_counter() + LATENCY_TIMEOUT
+        while time.perf_counter() < end:
+            proc.check_alive()
+            doc = proc.status()
+            if is_caught_up(doc) and doc is not None:
+                lsn = int(doc["datasets"][0]["written_lsn"])
+                if lsn >= at_least:
+                    return lsn
+            time.sleep(LATENCY_STATUS_POLL)
+        ds = proc.dataset()
+        return max(at_least, int(ds["written_lsn"])) if ds else at_least
+
+
+BENCHMARKS: dict[str, Callable[[Bench], None]] = {
+    "initial-big": Bench.initial_big,
+    "initial-small": Bench.initial_small,
+    "resync": Bench.resync,
+    "latency": Bench.latency,
+}
