@@ -1,0 +1,236 @@
+"""The manifest: what the receiver's mirror of one dataset holds, and how far it is applied.
+
+One SQLite database per dataset (WAL, synchronous=FULL). `files` has one row per entry of
+the mirror that a record described: kind, size, mode, mtime, and for regular files the
+digest and block hashes (`HASH_SIZE`-byte hashes concatenated), which let the applier
+check a patch's base and let GetManifest/verify compare without reading the mirror.
+`meta` holds the durable applied LSN and the epoch.
+
+Changes between two commits run inside one open SQLite transaction on the writer's
+connection: `get` sees them at once, and `commit(applied_lsn)` makes them durable
+together with the applied LSN, so the manifest and the applied position can never
+disagree after a crash. `close` without a commit discards them, as a crash would.
+
+Threads: the applier writes from a worker thread while GetManifest reads from the event
+loop, so the writer connection is not bound to a thread, and `entries()` reads through a
+connection of its own, which sees the last committed state (a WAL snapshot) and never
+blocks the writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+SCHEMA_VERSION = 1
+DEFAULT_EPOCH = 1
+# Rows fetched per round trip by entries(): big enough to amortise the call, small enough
+# that a manifest of millions of files streams in bounded memory.
+FETCH_ROWS = 1000
+
+Kind = Literal["file", "dir", "symlink"]
+KINDS: tuple[str, ...] = ("file", "dir", "symlink")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'dir', 'symlink')),
+    size INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    digest BLOB,
+    hashes BLOB,
+    target TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+_COLUMNS = "path, kind, size, mode, mtime_ns, digest, hashes, target"
+# The rows of a path and everything below it. '0' is the character after '/', so the
+# range covers exactly "path/..." and uses the primary key index.
+_TREE = "(path = ?1 OR (path >= ?1 || '/' AND path < ?1 || '0'))"
+
+
+class ManifestError(Exception):
+    """The manifest database is not one this version understands."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """One mirror entry as the last applied record described it.
+
+    `digest` and `hashes` are set for regular files only, `target` for symlinks only.
+    """
+
+    path: str
+    kind: Kind
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    digest: bytes | None = None
+    hashes: bytes | None = None
+    target: str | None = None
+
+
+def _entry(row: tuple[object, ...]) -> ManifestEntry:
+    path, kind, size, mode, mtime_ns, digest, hashes, target = row
+    return ManifestEntry(
+        path=str(path), kind=kind,  # type: ignore[arg-type]
+        size=int(size), mode=int(mode), mtime_ns=int(mtime_ns),  # type: ignore[call-overload]
+        digest=bytes(digest) if digest is not None else None,  # type: ignore[call-overload]
+        hashes=bytes(hashes) if hashes is not None else None,  # type: ignore[call-overload]
+        target=str(target) if target is not None else None,
+    )
+
+
+class Manifest:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are begun and ended here, explicitly
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        version = int(meta.get("schema", SCHEMA_VERSION))
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise ManifestError(f"manifest {path} has schema {version}, "
+                                f"this version reads {SCHEMA_VERSION}")
+        if "schema" not in meta:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        self._applied_lsn = int(meta.get("applied_lsn", 0))
+        self._epoch = int(meta.get("epoch", DEFAULT_EPOCH))
+        self._in_tx = False
+
+    # ---- positions ----
+
+    @property
+    def applied_lsn(self) -> int:
+        """The durable applied LSN: the last one `commit` wrote (0 for a new dataset)."""
+        return self._applied_lsn
+
+    @property
+    def epoch(self) -> int:
+        """The dataset's durable epoch (DEFAULT_EPOCH until a commit sets another)."""
+        return self._epoch
+
+    @property
+    def dirty(self) -> bool:
+        """True while there are changes that no commit has made durable yet."""
+        return self._in_tx
+
+    # ---- reads ----
+
+    def get(self, path: str) -> ManifestEntry | None:
+        """The entry for `path`, pending changes included; None if there is none."""
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE path = ?",
+                               (path,)).fetchone()
+        return _entry(row) if row is not None else None
+
+    def entries(self) -> Iterator[ManifestEntry]:
+        """Every committed entry in path order, streamed from a snapshot.
+
+        Pending changes are not included: this is the durable state (what GetManifest and
+        verify may rely on). Safe to call from any thread while the writer works.
+        """
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            # one read transaction: a consistent snapshot however long the caller takes
+            db.execute("BEGIN")
+            cur = db.execute(f"SELECT {_COLUMNS} FROM files ORDER BY path")
+            while rows := cur.fetchmany(FETCH_ROWS):
+                for row in rows:
+                    yield _entry(row)
+        finally:
+            db.close()
+
+    # ---- pending changes ----
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+
+    def put(self, entry: ManifestEntry) -> None:
+        """Sets the entry for `entry.path`, replacing any (pending until `commit`).
+
+        It does not touch entries below the path: a caller replacing a directory with a
+        file calls `delete_tree` first.
+        """
+        if entry.kind not in KINDS:
+            raise ValueError(f"manifest entry kind {entry.kind!r}")
+        self._begin()
+        self._db.execute(
+            f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.path, entry.kind, entry.size, entry.mode, entry.mtime_ns, entry.digest,
+             entry.hashes, entry.target))
+
+    def set_attrs(self, path: str, mode: int, mtime_ns: int) -> ManifestEntry | None:
+        """Updates mode and mtime of an existing entry; returns it, or None if there is none."""
+        old = self.get(path)
+        if old is None:
+            return None
+        new = replace(old, mode=mode, mtime_ns=mtime_ns)
+        self.put(new)
+        return new
+
+    def delete_tree(self, path: str) -> int:
+        """Removes `path` and every entry below it (pending); returns how many went."""
+        self._begin()
+        return self._db.execute(f"DELETE FROM files WHERE {_TREE}", (path,)).rowcount
+
+    def move_tree(self, old: str, new: str) -> int:
+        """Moves `old` and everything below it to `new`, replacing what was at `new`.
+
+        Mirrors rename(2): whatever was at or below `new` is gone afterwards. Returns how
+        many entries moved. Moving a tree into itself is refused with ValueError, as the
+        kernel refuses it.
+        """
+        if old == new:
+            return 0
+        if new.startswith(old + "/") or old.startswith(new + "/"):
+            raise ValueError(f"cannot move {old!r} to {new!r}: one is inside the other")
+        self.delete_tree(new)
+        return self._db.execute(
+            f"UPDATE files SET path = ?2 || substr(path, ?3) WHERE {_TREE}",
+            (old, new, len(old) + 1)).rowcount
+
+    # ---- durability ----
+
+    def commit(self, applied_lsn: int, *, epoch: int | None = None) -> None:
+        """Makes every pending change durable with `applied_lsn` (and `epoch`), atomically.
+
+        Safe to call with nothing pending: it then only records the positions.
+        """
+        if applied_lsn < 0 or (epoch is not None and epoch < 0):
+            raise ValueError(f"applied_lsn {applied_lsn} / epoch {epoch}")
+        self._begin()
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)",
+                             (applied_lsn,))
+            if epoch is not None:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (epoch,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        self._in_tx = False
+        self._applied_lsn = applied_lsn
+        if epoch is not None:
+            self._epoch = epoch
+
+    def rollback(self) -> None:
+        """Discards every pending change."""
+        if self._in_tx:
+            self._in_tx = False
+            self._db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Closes the database; pending changes are discarded, as a crash would."""
+        self.rollback()
+        self._db.close()

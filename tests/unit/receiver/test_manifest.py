@@ -1,0 +1,186 @@
+"""The manifest: entries, trees, pending changes, durability of positions."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.receiver.manifest import DEFAULT_EPOCH, Manifest, ManifestEntry, ManifestError
+
+PATHS = ["a", "a/b", "a/b/c", "a-b", "a.b", "a0", "a/", "ab", "b", "b/a"]
+
+
+def file_entry(path: str, size: int = 3) -> ManifestEntry:
+    return ManifestEntry(path, "file", size=size, mode=0o100644, mtime_ns=123_456_789_012,
+                         digest=b"d" * 16, hashes=b"h" * 16)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Manifest]:
+    m = Manifest(tmp_path / "state" / "manifest.db")
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def paths(m: Manifest) -> list[str]:
+    return [e.path for e in m.entries()]
+
+
+def test_new_manifest_starts_at_zero(db: Manifest) -> None:
+    assert (db.applied_lsn, db.epoch, db.dirty) == (0, DEFAULT_EPOCH, False)
+    assert db.get("a") is None
+    assert list(db.entries()) == []
+
+
+@pytest.mark.parametrize("entry", [
+    file_entry("dir/f"),
+    ManifestEntry("d", "dir", mode=0o40755, mtime_ns=1_700_000_000_123_456_789),
+    ManifestEntry("l", "symlink", size=5, mode=0o120777, mtime_ns=7, target="../x"),
+    ManifestEntry("empty", "file", size=0, mode=0o100600, mtime_ns=0, digest=b"\0" * 16,
+                  hashes=b""),
+    ManifestEntry("naïve ☃/ü", "dir", mode=0o40700, mtime_ns=-5),
+])
+def test_entry_round_trips_through_a_reopen(tmp_path: Path, entry: ManifestEntry) -> None:
+    m = Manifest(tmp_path / "m.db")
+    m.put(entry)
+    assert m.get(entry.path) == entry  # pending changes are visible at once
+    m.commit(9)
+    m.close()
+    m = Manifest(tmp_path / "m.db")
+    assert m.get(entry.path) == entry
+    assert m.applied_lsn == 9
+    assert list(m.entries()) == [entry]
+    m.close()
+
+
+def test_put_refuses_an_unknown_kind(db: Manifest) -> None:
+    with pytest.raises(ValueError):
+        db.put(ManifestEntry("x", "fifo"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("root, gone", [
+    ("a", {"a", "a/b", "a/b/c", "a/"}),   # "a/" is below "a" by prefix; never a real path
+    ("a/b", {"a/b", "a/b/c"}),
+    ("a/b/c", {"a/b/c"}),
+    ("b", {"b", "b/a"}),
+    ("zz", set()),
+    ("a-b", {"a-b"}),                    # siblings that sort inside "a/".."a0" stay
+])
+def test_delete_tree_takes_the_path_and_what_is_below(db: Manifest, root: str,
+                                                      gone: set[str]) -> None:
+    for p in PATHS:
+        db.put(file_entry(p))
+    assert db.delete_tree(root) == len(gone)
+    assert {p for p in PATHS if db.get(p) is not None} == set(PATHS) - gone
+
+
+@pytest.mark.parametrize("old, new, expect", [
+    ("a", "x", {"x", "x/b", "x/b/c", "x/", "a-b", "a.b", "a0", "ab", "b", "b/a"}),
+    ("a/b", "c", {"a", "c", "c/c", "a/", "a-b", "a.b", "a0", "ab", "b", "b/a"}),
+    # onto an existing tree: what was there goes, as with rename(2)
+    ("a", "b", {"b", "b/b", "b/b/c", "b/", "a-b", "a.b", "a0", "ab"}),
+    ("ab", "a0", {"a", "a/b", "a/b/c", "a/", "a-b", "a.b", "a0", "b", "b/a"}),
+    ("a", "a", set(PATHS)),
+])
+def test_move_tree(db: Manifest, old: str, new: str, expect: set[str]) -> None:
+    for p in PATHS:
+        db.put(file_entry(p, size=len(p)))
+    db.move_tree(old, new)
+    db.commit(1)
+    entries = {e.path: e for e in db.entries()}
+    assert set(entries) == expect
+    # entries keep their data under the new name
+    for path, e in entries.items():
+        origin = old + path[len(new):] if path == new or path.startswith(new + "/") else path
+        assert e.size == len(origin)
+
+
+@pytest.mark.parametrize("old, new", [("a", "a/b"), ("a/b", "a")])
+def test_move_tree_into_itself_is_refused(db: Manifest, old: str, new: str) -> None:
+    with pytest.raises(ValueError):
+        db.move_tree(old, new)
+
+
+def test_set_attrs_updates_only_mode_and_mtime(db: Manifest) -> None:
+    db.put(file_entry("f"))
+    got = db.set_attrs("f", 0o100600, 42)
+    assert got == ManifestEntry("f", "file", size=3, mode=0o100600, mtime_ns=42,
+                                digest=b"d" * 16, hashes=b"h" * 16)
+    assert db.get("f") == got
+    assert db.set_attrs("missing", 0o600, 1) is None
+
+
+def test_close_without_commit_discards_pending_changes(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "m.db")
+    m.put(file_entry("kept"))
+    m.commit(3)
+    m.put(file_entry("lost"))
+    m.delete_tree("kept")
+    assert m.dirty
+    m.close()
+    m = Manifest(tmp_path / "m.db")
+    assert paths(m) == ["kept"]
+    assert m.applied_lsn == 3
+    m.close()
+
+
+def test_rollback_discards_pending_changes(db: Manifest) -> None:
+    db.put(file_entry("a"))
+    db.commit(1)
+    db.put(file_entry("b"))
+    db.rollback()
+    assert db.get("b") is None and db.get("a") is not None and not db.dirty
+
+
+def test_commit_sets_epoch_and_lsn_durably(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "m.db")
+    m.commit(5, epoch=3)
+    m.commit(7)
+    assert (m.applied_lsn, m.epoch) == (7, 3)
+    m.close()
+    m = Manifest(tmp_path / "m.db")
+    assert (m.applied_lsn, m.epoch) == (7, 3)
+    m.close()
+
+
+def test_entries_see_the_committed_state_only(db: Manifest) -> None:
+    db.put(file_entry("a"))
+    db.commit(1)
+    db.put(file_entry("b"))
+    assert paths(db) == ["a"]
+    db.commit(2)
+    assert paths(db) == ["a", "b"]
+
+
+def test_entries_stream_a_snapshot_while_the_writer_commits(db: Manifest) -> None:
+    n = 2500  # more than one fetch
+    for i in range(n):
+        db.put(file_entry(f"d/{i:05d}"))
+    db.commit(1)
+    it = db.entries()
+    first = next(it)
+    # another thread writes and commits while the reader is half way
+    def write() -> None:
+        db.delete_tree("d")
+        db.commit(2)
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    rest = list(it)
+    assert len(rest) + 1 == n and first.path == "d/00000"
+    assert paths(db) == []
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "m.db")
+    m._db.execute("UPDATE meta SET value = 99 WHERE key = 'schema'")
+    m.close()
+    with pytest.raises(ManifestError, match="schema 99"):
+        Manifest(tmp_path / "m.db")
