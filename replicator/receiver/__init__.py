@@ -1,0 +1,1 @@
+"""The receiver: sessions with agents, the journal, the applier and the mirror it writes."""
