@@ -215,6 +215,7 @@ class Applier:
         """
         if self.error is not None:
             raise ApplyError(self.error)
+        flushed_lsn = min(flushed_lsn, self.journal.flushed_lsn)  # never past what is durable
         if flushed_lsn <= self._done_lsn:
             return self.applied_lsn
         deadline = time.monotonic() + max_seconds
