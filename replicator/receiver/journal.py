@@ -1,0 +1,618 @@
+"""The receiver's journal: an append-only, segmented, checksummed log of one dataset's frames.
+
+A record (one LSN) is a HEADER entry, BLOCK entries and an END entry; the journal stores each
+frame as an opaque payload tagged with its LSN and kind. Records never interleave and their
+LSNs increase by exactly one. A record counts once its END is appended (`written_lsn`) and
+once that END is durable (`flushed_lsn`): `sync()` makes everything appended so far durable
+with one fdatasync, which is the group commit the session acknowledges after.
+
+On disk, `<first lsn, 20 digits>.seg` files, each opening with a file header (magic, format
+version) followed by entries: a fixed header (magic, kind, lsn, payload length, crc32 of
+those fields and the payload) and the payload. A new segment starts at a record boundary
+once the current one has grown past `segment_size`, so a record never spans segments;
+before a new segment is created the old one is synced, so a crash can tear only the last
+segment. `open()` therefore treats the first bad entry (short, bad magic, absurd length,
+bad checksum, out of order) and an unterminated trailing record as the torn tail and
+truncates them away. A bad entry in an earlier segment is corruption, not a torn tail: it
+is cut the same way (the agent resends from the flushed LSN it is told), but logged loudly.
+
+Writes: small entries collect in one preallocated buffer that goes to the OS in one pwrite
+per ~1 MiB or at sync; large payloads go straight out with pwritev(header, payload), never
+copied. Reads: `entries()` opens its own read fd per segment and preads only byte ranges of
+records that are already flushed, located through an in-memory index (lsn -> segment,
+start, end) of the records after the applied LSN. The file is never rewritten below the
+flushed position, so a reader in a worker thread needs no lock against the appending
+thread; mutating calls take a lock so that a sync in a worker thread and an append cannot
+interleave.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import enum
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicator.errors import ReplicatorError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT_SIZE = 64 << 20
+MAX_PAYLOAD = 8 << 20
+WRITE_BUFFER_SIZE = 1 << 20
+# payloads this big are written directly: copying them into the buffer saves no syscall
+# worth its memcpy
+DIRECT_WRITE_MIN = 32 << 10
+READ_CHUNK = 1 << 20
+
+FILE_MAGIC = b"RPLJ"
+FORMAT_VERSION = 1
+_FILE_HEADER = struct.Struct("<4sB3x")
+FILE_HEADER_SIZE = _FILE_HEADER.size
+ENTRY_MAGIC = b"Je"
+# magic, kind, lsn, payload length; then the crc32 of these 15 bytes and the payload
+_FIELDS = struct.Struct("<2sBQI")
+_CRC = struct.Struct("<I")
+ENTRY_HEADER_SIZE = _FIELDS.size + _CRC.size
+SEGMENT_SUFFIX = ".seg"
+_LSN_DIGITS = 20
+
+
+class EntryKind(enum.IntEnum):
+    HEADER = 1
+    BLOCK = 2
+    END = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    lsn: int
+    kind: EntryKind
+    payload: bytes
+
+
+class JournalCorrupt(ReplicatorError):
+    """The journal is corrupt."""
+
+
+class _Bad(Exception):
+    """An entry that cannot be trusted, at `offset` of its segment."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"{reason} at offset {offset}")
+        self.offset = offset
+        self.reason = reason
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:0{_LSN_DIGITS}d}{SEGMENT_SUFFIX}"
+
+
+def _parse_segment_name(name: str) -> int | None:
+    stem, dot, ext = name.partition(".")
+    if dot and "." + ext == SEGMENT_SUFFIX and len(stem) == _LSN_DIGITS and stem.isdigit():
+        return int(stem)
+    return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _EntryReader:
+    """Entries of one segment between two offsets, read in chunks through one fd.
+
+    Raises _Bad at the first entry that is short, malformed or fails its checksum.
+    """
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self._fd = fd
+        self._end = end
+        self._data = b""
+        self._i = 0  # position in _data
+        self._pos = start  # file offset of _data[_i]
+
+    @property
+    def offset(self) -> int:
+        return self._pos
+
+    def next(self) -> tuple[EntryKind, int, bytes] | None:
+        """The next (kind, lsn, payload), or None at the end offset."""
+        start = self._pos
+        if start >= self._end:
+            return None
+        if start + ENTRY_HEADER_SIZE > self._end:
+            raise _Bad(start, "short entry header")
+        if len(self._data) - self._i < ENTRY_HEADER_SIZE:
+            want = min(READ_CHUNK, self._end - start)
+            self._data = _pread_exact(self._fd, want, start)
+            self._i = 0
+            if len(self._data) < ENTRY_HEADER_SIZE:
+                raise _Bad(start, "short entry header")
+        i = self._i
+        magic, kind, lsn, length = _FIELDS.unpack_from(self._data, i)
+        (crc,) = _CRC.unpack_from(self._data, i + _FIELDS.size)
+        fields_crc = zlib.crc32(memoryview(self._data)[i:i + _FIELDS.size])
+        if magic != ENTRY_MAGIC:
+            raise _Bad(start, "bad entry magic")
+        if kind not in _KINDS:
+            raise _Bad(start, f"bad entry kind {kind}")
+        if length > MAX_PAYLOAD:
+            raise _Bad(start, f"absurd payload length {length}")
+        body = start + ENTRY_HEADER_SIZE
+        if body + length > self._end:
+            raise _Bad(start, "short payload")
+        p = i + ENTRY_HEADER_SIZE
+        if p + length <= len(self._data):
+            payload = self._data[p:p + length]
+            self._i = p + length
+        else:
+            # straddles the chunk (or is bigger than one): read it alone, no concatenation
+            payload = _pread_exact(self._fd, length, body)
+            self._data = b""
+            self._i = 0
+            if len(payload) < length:
+                raise _Bad(start, "short payload")
+        if zlib.crc32(payload, fields_crc) != crc:
+            raise _Bad(start, "bad checksum")
+        self._pos = body + length
+        return _KINDS[kind], lsn, payload
+
+
+_KINDS = {int(k): k for k in EntryKind}
+
+
+class Journal:
+    """Append-only, segmented, checksummed log of one dataset's frames.
+
+    Call `open()` before anything else. Mutating calls (append, sync, discard_open,
+    release, reset, close) are serialised by a lock; `entries()` may run in another
+    thread meanwhile. Positions are plain attributes, safe to read from any thread.
+    """
+
+    def __init__(self, directory: Path, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        if segment_size <= FILE_HEADER_SIZE:
+            raise ValueError(f"segment_size {segment_size} is too small")
+        self.directory = Path(directory)
+        self.segment_size = segment_size
+        self.flushed_lsn = 0
+        self.written_lsn = 0
+        self._lock = threading.Lock()
+        self._opened = False
+        self._segments: list[int] = []  # first LSNs, ascending; the last may be current
+        self._index: dict[int, tuple[int, int, int]] = {}  # lsn -> (segment, start, end)
+        self._index_lo = 1  # lowest LSN that may be in _index
+        self._fd: int | None = None  # write fd of the current segment
+        self._seg = 0  # first LSN of the current segment
+        self._disk = 0  # bytes of the current segment handed to the OS
+        self._buf = bytearray(WRITE_BUFFER_SIZE)
+        self._fill = 0  # bytes waiting in _buf, which belong at offset _disk
+        self._unsynced = False
+        self._dir_dirty = False
+        self._open_lsn: int | None = None
+        self._open_start = 0
+        self._fresh = False  # no record yet: the first one may have any LSN
+        # after a failed fdatasync the kernel may have dropped the dirty pages and a retry
+        # would succeed falsely: refuse to go on until the journal is reopened and rescanned
+        self._failed: OSError | None = None
+
+    # ---- lifecycle ----
+
+    def open(self, applied_lsn: int) -> None:
+        """Scans the segments, cuts a torn tail, and sets the positions.
+
+        Segments whose records are all <= applied_lsn are deleted. After this,
+        flushed_lsn = written_lsn = the last complete record, or applied_lsn when the
+        journal holds nothing beyond it.
+        """
+        with self._lock:
+            if self._opened:
+                raise ValueError(f"journal {self.directory} is already open")
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True)
+                _fsync_dir(self.directory.parent)  # so that the journal's name is durable
+            self._index.clear()
+            self._segments = []
+            self._open_lsn = None
+            self._fill = 0
+            last = self._scan(applied_lsn)
+            if last is None or last <= applied_lsn:
+                self._close_fd()
+                for seg in self._segments:
+                    self._unlink(seg)
+                self._segments = []
+                self._index.clear()
+                self.written_lsn = self.flushed_lsn = applied_lsn
+                self._fresh = True
+            else:
+                self.written_lsn = self.flushed_lsn = last
+                self._fresh = False
+            self._index_lo = applied_lsn + 1
+            if self._dir_dirty:
+                _fsync_dir(self.directory)
+                self._dir_dirty = False
+            self._unsynced = False
+            self._failed = None
+            self._opened = True
+
+    def close(self) -> None:
+        """Makes what was appended durable and closes the journal. Safe to call twice."""
+        with self._lock:
+            if not self._opened:
+                return
+            try:
+                if self._failed is None:
+                    self._sync()
+            finally:
+                self._close_fd()
+                self._opened = False
+
+    # ---- writing ----
+
+    def append(self, lsn: int, kind: EntryKind, payload: bytes) -> None:
+        """Appends one entry, buffered (no fsync). Raises ValueError if it breaks order.
+
+        A HEADER starts the next record (LSN written_lsn + 1; any LSN beyond written_lsn
+        for the first record of a fresh journal) when no record is open; BLOCK and END
+        continue the open record with its LSN; END closes it.
+        """
+        kind = EntryKind(kind)
+        n = len(payload)
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload of {n} bytes at LSN {lsn} exceeds {MAX_PAYLOAD}")
+        with self._lock:
+            self._check_usable()
+            if kind is EntryKind.HEADER:
+                if self._open_lsn is not None:
+                    raise ValueError(f"header of LSN {lsn} while LSN {self._open_lsn} "
+                                     "is still open")
+                if lsn != self.written_lsn + 1 and not (self._fresh
+                                                        and lsn > self.written_lsn):
+                    raise ValueError(f"header of LSN {lsn} after LSN {self.written_lsn} "
+                                     f"(expected {self.written_lsn + 1})")
+                if self._fd is None or self._disk + self._fill >= self.segment_size:
+                    self._roll(lsn)
+                self._open_lsn = lsn
+                self._open_start = self._disk + self._fill
+            elif self._open_lsn is None:
+                raise ValueError(f"{kind.name} entry of LSN {lsn} outside a record")
+            elif lsn != self._open_lsn:
+                raise ValueError(f"{kind.name} entry of LSN {lsn} inside record "
+                                 f"{self._open_lsn}")
+            self._write_entry(kind, lsn, payload)
+            if kind is EntryKind.END:
+                self._index[lsn] = (self._seg, self._open_start, self._disk + self._fill)
+                self.written_lsn = lsn
+                self._open_lsn = None
+                self._fresh = False
+
+    def sync(self) -> int:
+        """Makes every appended entry durable (one fdatasync, plus the directory's fsync
+        when a segment was created) and returns flushed_lsn, now written_lsn."""
+        with self._lock:
+            self._check_usable()
+            return self._sync()
+
+    def discard_open(self) -> None:
+        """Drops the entries of a record whose END was not appended. No-op if none is."""
+        with self._lock:
+            self._check_usable()
+            if self._open_lsn is None:
+                return
+            assert self._fd is not None
+            start = self._open_start
+            self._open_lsn = None
+            if start == FILE_HEADER_SIZE:
+                # the record opened this segment: drop the segment, the next header makes
+                # a new one named after its own LSN
+                self._fill = 0
+                self._close_fd()
+                self._unlink(self._segments.pop())
+                return
+            if start >= self._disk:
+                self._fill = start - self._disk
+            else:
+                self._fill = 0
+                os.ftruncate(self._fd, start)
+                self._disk = start
+                self._unsynced = True
+
+    # ---- reading ----
+
+    def entries(self, from_lsn: int, to_lsn: int) -> Iterator[Entry]:
+        """Every entry of the records from_lsn..to_lsn that the journal holds, in order.
+
+        to_lsn must not exceed flushed_lsn (ValueError). Records before the first one
+        held (released, or before a fresh journal's first record) are not yielded; the
+        caller checks the LSNs it gets. Streams from disk through its own read fds, so
+        it may be consumed in another thread while appends go on; close the iterator
+        (or exhaust it) to close them.
+        """
+        self._check_open()
+        if to_lsn > self.flushed_lsn:
+            raise ValueError(f"entries up to LSN {to_lsn} requested, but only "
+                             f"{self.flushed_lsn} is flushed")
+        lo = max(from_lsn, self._index_lo)
+        if self._index and lo not in self._index:
+            lo = max(lo, min(self._index))
+        return self._entries(lo, to_lsn)
+
+    def _entries(self, lo: int, hi: int) -> Iterator[Entry]:
+        segments = list(self._segments)
+        lsn = lo
+        while lsn <= hi:
+            located = self._index.get(lsn)
+            if located is None:
+                return
+            seg, start, _ = located
+            i = bisect.bisect_right(segments, seg)
+            last = hi if i == len(segments) else min(hi, segments[i] - 1)
+            end = self._index[last][2]
+            yield from self._read_span(seg, start, end)
+            lsn = last + 1
+
+    def _read_span(self, seg: int, start: int, end: int) -> Iterator[Entry]:
+        path = self.directory / segment_name(seg)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reader = _EntryReader(fd, start, end)
+            while True:
+                try:
+                    item = reader.next()
+                except _Bad as e:
+                    raise JournalCorrupt(f"journal {path}: {e}") from None
+                if item is None:
+                    return
+                kind, lsn, payload = item
+                yield Entry(lsn, kind, payload)
+        finally:
+            os.close(fd)
+
+    # ---- housekeeping ----
+
+    def release(self, applied_lsn: int) -> None:
+        """Deletes whole segments all of whose records are <= applied_lsn, never the last
+        one, and forgets their records."""
+        with self._lock:
+            self._check_usable()
+            while len(self._segments) > 1 and self._segments[1] <= applied_lsn + 1:
+                self._unlink(self._segments.pop(0))
+            for lsn in range(self._index_lo, min(applied_lsn, self.written_lsn) + 1):
+                self._index.pop(lsn, None)
+            self._index_lo = max(self._index_lo, min(applied_lsn, self.written_lsn) + 1)
+
+    def reset(self, lsn: int) -> None:
+        """Throws everything away; the next record must be lsn + 1."""
+        with self._lock:
+            self._check_usable()
+            self._close_fd()
+            self._fill = 0
+            self._open_lsn = None
+            for name in os.listdir(self.directory):
+                if _parse_segment_name(name) is not None:
+                    os.unlink(self.directory / name)
+            _fsync_dir(self.directory)
+            self._dir_dirty = False
+            self._unsynced = False
+            self._segments = []
+            self._index.clear()
+            self._index_lo = lsn + 1
+            self.written_lsn = self.flushed_lsn = lsn
+            self._fresh = False
+
+    # ---- internals (called with the lock held) ----
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise ValueError(f"journal {self.directory} is not open")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._failed is not None:
+            raise OSError(self._failed.errno, f"journal {self.directory} failed earlier, "
+                          f"reopen it: {self._failed.strerror}")
+
+    def _sync(self) -> int:
+        try:
+            self._flush()
+            if self._unsynced and self._fd is not None:
+                os.fdatasync(self._fd)
+            self._unsynced = False
+            if self._dir_dirty:
+                _fsync_dir(self.directory)
+                self._dir_dirty = False
+        except OSError as e:
+            self._failed = e
+            raise
+        self.flushed_lsn = self.written_lsn
+        return self.flushed_lsn
+
+    def _flush(self) -> None:
+        if self._fill:
+            assert self._fd is not None
+            _pwrite_all(self._fd, memoryview(self._buf)[:self._fill], self._disk)
+            self._disk += self._fill
+            self._fill = 0
+            self._unsynced = True
+
+    def _write_entry(self, kind: EntryKind, lsn: int, payload: bytes) -> None:
+        n = len(payload)
+        if n >= DIRECT_WRITE_MIN:
+            fields = _FIELDS.pack(ENTRY_MAGIC, kind, lsn, n)
+            crc = zlib.crc32(payload, zlib.crc32(fields))
+            self._flush()
+            assert self._fd is not None
+            header = fields + _CRC.pack(crc)
+            done = os.pwritev(self._fd, [header, payload], self._disk)
+            total = ENTRY_HEADER_SIZE + n
+            if done < total:  # a short write: finish it plainly
+                rest = (header + payload)[done:] if done < ENTRY_HEADER_SIZE else \
+                    memoryview(payload)[done - ENTRY_HEADER_SIZE:]
+                _pwrite_all(self._fd, rest, self._disk + done)
+            self._disk += total
+            self._unsynced = True
+            return
+        if self._fill + ENTRY_HEADER_SIZE + n > WRITE_BUFFER_SIZE:
+            self._flush()
+        buf, at = self._buf, self._fill
+        _FIELDS.pack_into(buf, at, ENTRY_MAGIC, kind, lsn, n)
+        body = at + ENTRY_HEADER_SIZE
+        buf[body:body + n] = payload
+        crc = zlib.crc32(payload, zlib.crc32(memoryview(buf)[at:at + _FIELDS.size]))
+        _CRC.pack_into(buf, at + _FIELDS.size, crc)
+        self._fill = body + n
+        if self._fill >= WRITE_BUFFER_SIZE:
+            self._flush()
+
+    def _roll(self, first_lsn: int) -> None:
+        """Starts segment `first_lsn`; the previous one is made durable and closed first,
+        so that only the last segment can ever be torn."""
+        if self._fd is not None:
+            try:
+                self._flush()
+                if self._unsynced:
+                    os.fdatasync(self._fd)
+            except OSError as e:
+                self._failed = e
+                raise
+            self._unsynced = False
+            self._close_fd()
+        path = self.directory / segment_name(first_lsn)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._seg = first_lsn
+        self._segments.append(first_lsn)
+        self._disk = 0
+        _FILE_HEADER.pack_into(self._buf, 0, FILE_MAGIC, FORMAT_VERSION)
+        self._fill = FILE_HEADER_SIZE
+        self._dir_dirty = True
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _unlink(self, seg: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / segment_name(seg))
+        self._dir_dirty = True
+
+    def _scan(self, applied_lsn: int) -> int | None:
+        """Reads every segment that may hold records after applied_lsn, indexes them,
+        cuts the torn tail, and leaves the last segment open for appending. Returns the
+        last complete LSN, or None if there is none."""
+        found = sorted(s for s in (_parse_segment_name(n) for n in os.listdir(self.directory))
+                       if s is not None)
+        # a segment is wholly applied when the next one starts at or before applied + 1
+        while len(found) > 1 and found[1] <= applied_lsn + 1:
+            self._unlink(found.pop(0))
+        last: int | None = None
+        for n, seg in enumerate(found):
+            path = self.directory / segment_name(seg)
+            good, seg_last, bad = self._scan_segment(path, seg, last, applied_lsn)
+            if seg_last is not None:
+                self._segments.append(seg)
+                last = seg_last
+            if bad is None and n < len(found) - 1:
+                if seg_last is None:
+                    # a segment whose only record was discarded but whose unlink did
+                    # not survive a crash: it holds nothing
+                    self._unlink(seg)
+                continue
+            if bad is not None:
+                later = found[n + 1:]
+                level = logging.ERROR if later else logging.WARNING
+                log.log(level, "journal tail cut dir=%s segment=%s offset=%d reason=%s "
+                        "later_segments_dropped=%d", self.directory, segment_name(seg),
+                        bad.offset, bad.reason.replace(" ", "_"), len(later))
+                for other in later:
+                    self._unlink(other)
+            if seg_last is None:
+                self._unlink(seg)
+            else:
+                fd = os.open(path, os.O_WRONLY)
+                if bad is not None:
+                    os.ftruncate(fd, good)
+                    os.fsync(fd)
+                self._fd, self._seg, self._disk = fd, seg, good
+            break
+        return last
+
+    def _scan_segment(self, path: Path, seg: int, prev: int | None,
+                      applied_lsn: int) -> tuple[int, int | None, _Bad | None]:
+        """(end of the last complete record, its LSN or None, the first bad entry)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, FILE_HEADER_SIZE, 0)
+            if len(head) < FILE_HEADER_SIZE:
+                return 0, None, _Bad(0, "short file header")
+            magic, version = _FILE_HEADER.unpack(head)
+            if magic != FILE_MAGIC:
+                return 0, None, _Bad(0, "bad file magic")
+            if version != FORMAT_VERSION:
+                raise JournalCorrupt(f"journal {path}: format version {version}, this "
+                                     f"receiver reads {FORMAT_VERSION}")
+            reader = _EntryReader(fd, FILE_HEADER_SIZE, size)
+            good, last = FILE_HEADER_SIZE, None
+            if prev is not None and seg != prev + 1:
+                return good, last, _Bad(good, f"segment does not follow LSN {prev}")
+            expected = seg  # the name is the first record's LSN
+            open_lsn: int | None = None
+            start = good
+            while True:
+                at = reader.offset
+                try:
+                    item = reader.next()
+                except _Bad as e:
+                    return good, last, e
+                if item is None:
+                    if open_lsn is not None:
+                        return good, last, _Bad(start, "unterminated record")
+                    return good, last, None
+                kind, lsn, _ = item
+                if kind is EntryKind.HEADER:
+                    if open_lsn is not None or lsn != expected:
+                        return good, last, _Bad(at, f"header of LSN {lsn} out of order")
+                    open_lsn, start = lsn, at
+                elif lsn != open_lsn:
+                    return good, last, _Bad(at, f"{kind.name} of LSN {lsn} out of order")
+                elif kind is EntryKind.END:
+                    good, last, expected, open_lsn = reader.offset, lsn, lsn + 1, None
+                    if lsn > applied_lsn:
+                        self._index[lsn] = (seg, start, good)
+        finally:
+            os.close(fd)
