@@ -1,0 +1,86 @@
+"""The one lag model that every view reads (/status, /metrics, MQTT, GetStatus).
+
+Lag is measured on the agent's clock only: the agent knows when it first saw each change
+and which LSNs the receiver has written, flushed and applied, so it computes the age of the
+oldest change not yet written / flushed / applied. It sends those first-seen times with its
+own clock reading in heartbeats; the receiver turns them into ages by adding the time that
+passed on its own monotonic clock since the heartbeat arrived. Clock skew between the two
+sites therefore never enters the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+STATES = ("starting", "catching_up", "streaming", "disconnected", "fenced", "promoted", "error")
+
+
+@dataclass(slots=True)
+class AgentLag:
+    """What an agent reports about one dataset, on its own clock."""
+
+    state: str = "starting"
+    error: str = ""
+    last_lsn: int = 0
+    oldest_unwritten_at: float = 0.0   # 0: nothing outstanding
+    oldest_unflushed_at: float = 0.0
+    oldest_unapplied_at: float = 0.0
+    pending_bytes: int = 0
+    pending_changes: int = 0
+    agent_time: float = 0.0            # the agent's clock when it measured the above
+    received_mono: float = field(default_factory=time.monotonic)  # receiver's clock
+
+    def age(self, oldest_at: float, now_mono: float | None = None) -> float:
+        """Seconds since `oldest_at` (agent clock), carried forward on the local clock."""
+        if not oldest_at:
+            return 0.0
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        return max(0.0, self.agent_time - oldest_at) + max(0.0, now_mono - self.received_mono)
+
+
+@dataclass(slots=True)
+class DatasetStatus:
+    """One row of the status document (CONTRACT.md, "Status document")."""
+
+    source: str
+    dataset: str
+    type: str
+    state: str
+    epoch: int = 1
+    written_lsn: int = 0
+    flushed_lsn: int = 0
+    applied_lsn: int = 0
+    write_lag_seconds: float | None = None
+    flush_lag_seconds: float | None = None
+    replay_lag_seconds: float | None = None
+    pending_bytes: int = 0
+    pending_changes: int = 0
+    last_applied_at: float | None = None
+    last_contact_at: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {
+            "source": self.source, "dataset": self.dataset, "type": self.type,
+            "state": self.state, "epoch": self.epoch,
+            "written_lsn": self.written_lsn, "flushed_lsn": self.flushed_lsn,
+            "applied_lsn": self.applied_lsn,
+            "write_lag_seconds": _round(self.write_lag_seconds),
+            "flush_lag_seconds": _round(self.flush_lag_seconds),
+            "replay_lag_seconds": _round(self.replay_lag_seconds),
+            "pending_bytes": self.pending_bytes, "pending_changes": self.pending_changes,
+            "last_applied_at": self.last_applied_at, "last_contact_at": self.last_contact_at,
+        }
+        if self.error:
+            doc["error"] = self.error
+        return doc
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 6)
+
+
+def status_document(role: str, version: str, rows: list[DatasetStatus]) -> dict[str, object]:
+    return {"role": role, "version": version, "now": time.time(),
+            "datasets": [r.to_json() for r in rows]}

@@ -1,0 +1,129 @@
+"""One dataset on the receiver: journal, mirror, manifest, applier and positions.
+
+The session appends frames and calls `flushed()` after each group commit; the dataset's
+apply task runs the applier in a worker thread whenever the flushed LSN moves ahead of the
+applied LSN, and tells whoever listens (the session, to send an ack) when it advanced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from replicator.lag import AgentLag, DatasetStatus
+from replicator.receiver.applier import Applier, ApplyError
+from replicator.receiver.journal import Journal
+from replicator.receiver.manifest import Manifest
+from replicator.receiver.mirror import Mirror
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverDataset:
+    def __init__(self, source: str, name: str, kind: str, mirror_dir: Path,
+                 state_dir: Path) -> None:
+        self.source = source
+        self.name = name
+        self.kind = kind
+        self.label = f"{source}/{name}"
+        self.state_dir = state_dir
+        self.mirror_dir = mirror_dir
+        self.journal = Journal(state_dir / "journal")
+        self.manifest = Manifest(state_dir / "manifest.db")
+        self.mirror = Mirror(mirror_dir, state_dir / "staging")
+        self.applier = Applier(self.journal, self.mirror, self.manifest, state_dir / "keep",
+                               label=self.label)
+        self.connected = False
+        self.last_contact_at: float | None = None
+        self.agent_lag: AgentLag | None = None
+        self.error: str | None = None
+        self.on_applied: Callable[[ReceiverDataset], None] | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self) -> None:
+        """Recover: replay what is journaled beyond the durable applied LSN."""
+        self.journal.open(self.applier.applied_lsn)
+        self.applier.recover()
+        self.journal.release(self.applier.applied_lsn)
+        log.info("dataset opened dataset=%s applied_lsn=%d flushed_lsn=%d", self.label,
+                 self.applier.applied_lsn, self.journal.flushed_lsn)
+
+    @property
+    def applied_lsn(self) -> int:
+        return self.applier.applied_lsn
+
+    @property
+    def flushed_lsn(self) -> int:
+        return self.journal.flushed_lsn
+
+    @property
+    def written_lsn(self) -> int:
+        return self.journal.written_lsn
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._apply_loop(),
+                                                            name=f"apply {self.label}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.journal.close()
+        self.mirror.close()
+        self.manifest.close()
+
+    def flushed(self) -> None:
+        """Called after a group commit: there may be records to apply."""
+        self._wake.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.error is None and self.applier.applied_lsn < self.journal.flushed_lsn:
+                target = self.journal.flushed_lsn
+                try:
+                    await asyncio.to_thread(self.applier.apply_upto, target)
+                except ApplyError as e:
+                    self.error = e.message
+                    log.error("apply stopped dataset=%s error=%s", self.label, e.message)
+                except Exception as e:  # a bug must not kill the daemon silently
+                    self.error = f"apply failed: {e!r}"
+                    log.exception("apply failed dataset=%s", self.label)
+                self.journal.release(self.applier.applied_lsn)
+                if self.on_applied is not None:
+                    self.on_applied(self)
+
+    def status(self) -> DatasetStatus:
+        lag = self.agent_lag
+        row = DatasetStatus(
+            source=self.source, dataset=self.name, type=self.kind, state="disconnected",
+            written_lsn=self.written_lsn, flushed_lsn=self.flushed_lsn,
+            applied_lsn=self.applied_lsn, last_applied_at=self.applier.last_applied_at or None,
+            last_contact_at=self.last_contact_at,
+        )
+        error = self.error or self.applier.error or (lag.error if lag else "")
+        if error:
+            row.error = error
+        if not self.connected or lag is None:
+            row.state = "error" if error else "disconnected"
+            return row
+        now = time.monotonic()
+        caught_up = self.applied_lsn >= lag.last_lsn
+        row.write_lag_seconds = 0.0 if self.written_lsn >= lag.last_lsn else lag.age(
+            lag.oldest_unwritten_at, now)
+        row.flush_lag_seconds = 0.0 if self.flushed_lsn >= lag.last_lsn else lag.age(
+            lag.oldest_unflushed_at, now)
+        row.replay_lag_seconds = 0.0 if caught_up and not lag.pending_changes else lag.age(
+            lag.oldest_unapplied_at, now)
+        row.pending_bytes = lag.pending_bytes
+        row.pending_changes = lag.pending_changes
+        row.state = "error" if error else lag.state
+        return row
