@@ -1,0 +1,688 @@
+"""A directory dataset on the agent: from file-system changes to change records.
+
+The source compares the file system with its view of the receiver (the index of what the
+receiver acknowledged, plus the records in flight) and ships the difference as records.
+It learns where to look from the watcher (batches of dirty paths), and looks everywhere on
+a full rescan: at start, after every reconnect, after the watcher lost events, and
+periodically. A full rescan is always safe, because the view only holds what the receiver
+has acknowledged or is about to: nothing is lost by forgetting a dirty path.
+
+Order within a batch: existing paths first, parents before children (a record never
+arrives before the directory it lives in), then deletions. A path that appears with the
+inode of a path that has gone is a rename (of a file or of a whole directory) and ships as
+one RENAME record, not as a copy.
+
+Files are read in a worker thread, block by block; only blocks whose hash differs from
+the view travel. A file that changes while it is read is voided on the wire (an aborted
+record) and read again shortly after. A file whose size and mtime are unchanged but whose
+ctime moved (chmod, chown, xattrs, or a write within one clock tick) is hashed first, and
+sent as attributes only if its content is the same.
+
+The safety guard: before deleting anything, and before every full rescan, the root must
+still be the directory it was (same file system, readable, not suddenly empty). If not,
+the dataset stops shipping and reports an error until the root is healthy again: an
+unmounted disk must never wipe the mirror.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat as st_mod
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import xxhash
+
+from replicator.agent.excludes import Excludes
+from replicator.agent.index import (
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    Entry,
+    Index,
+    Move,
+    Mutation,
+    Put,
+    Remove,
+    View,
+)
+from replicator.agent.link import Announce, Disconnected, Link
+from replicator.agent.reader import FileReader, FileState, TornRead, read_state
+from replicator.agent.scanner import scan, scan_subtree
+from replicator.agent.watcher import RESCAN, Watcher
+from replicator.config import DatasetConfig
+from replicator.core.records import Attrs, Base, End, Frame, Header, Op
+from replicator.errors import SourceUnsafe
+from replicator.wire import pb
+
+log = logging.getLogger(__name__)
+
+RESCAN_CHUNK = 512              # entries handed from the scanning thread at a time
+TORN_RETRY_DELAY = 0.05         # seconds before a file that changed while read is read again
+GUARD_RETRY_INTERVAL = 2.0      # seconds between checks of an unsafe root
+DELETE_GRACE = 0.1              # a vanished path waits this long: it may be a rename...
+DELETE_MAX_HOLD = 1.0           # ...whose other half is still in the watcher, but no longer
+RACY_MARGIN_NS = 50_000_000     # an mtime this close to the stat time cannot be trusted
+ERROR_LOG_INTERVAL = 60.0       # the same per-path error is logged at most this often
+
+
+def kind_of(mode: int) -> str | None:
+    if st_mod.S_ISREG(mode):
+        return KIND_FILE
+    if st_mod.S_ISDIR(mode):
+        return KIND_DIR
+    if st_mod.S_ISLNK(mode):
+        return KIND_SYMLINK
+    return None  # sockets, fifos and devices are not replicated
+
+
+def depth(path: str) -> int:
+    return path.count("/")
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+class DirectorySource:
+    """One `directory` dataset: watcher, view, reconciler; an `Endpoint` of the link."""
+
+    def __init__(self, config: DatasetConfig, state_dir: Path, link: Link, *,
+                 block_size: int, rescan_interval: float = 300.0,
+                 with_owner: bool | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.root = Path(config.path)
+        self.block_size = block_size
+        self.rescan_interval = rescan_interval
+        self.excludes = Excludes(config.exclude)
+        self.with_owner = os.geteuid() == 0 if with_owner is None else with_owner
+        self.link = link
+        self.index = Index(state_dir / "index.db")
+        self.view = View(self.index)
+        self.dataset = link.add(self)
+        self.state = "starting"
+        self.error: str | None = None
+        self.next_lsn = self.index.acked_lsn + 1
+        self.written_lsn = self.flushed_lsn = self.applied_lsn = self.index.acked_lsn
+        # first-seen time and raw bytes of every record not yet applied, by LSN
+        self.unapplied: dict[int, tuple[float, int]] = {}
+        self.dirty: dict[str, float] = {}
+        self.held: dict[str, float] = {}   # deletions waiting out DELETE_GRACE
+        self.force_whole: set[str] = set()
+        self.full_rescan = True
+        self.rescan_first_seen = 0.0
+        self.current: tuple[float, int] | None = None   # the record being sent
+        self.records_sent = 0
+        self.raw_bytes_sent = 0
+        self.errors: dict[str, int] = {}
+        self.watcher: Watcher | None = None
+        self._root_dev: int | None = None
+        self._wake = asyncio.Event()
+        self._error_logged: dict[str, float] = {}
+        self._xattrs_supported = True
+
+    # ---- Endpoint ----
+
+    def announce(self) -> Announce:
+        return Announce(self.name, "directory", self.block_size, self.index.acked_lsn)
+
+    def on_welcome(self, generation: int, position: pb.DatasetPosition) -> None:
+        flushed = position.flushed_lsn
+        if flushed < self.index.acked_lsn:
+            log.warning("receiver lost acknowledged records, resending everything dataset=%s "
+                        "receiver_flushed=%d agent_acked=%d", self.name, flushed,
+                        self.index.acked_lsn)
+            self.view.reset()
+        else:
+            self.view.rewind(flushed)
+        lost = [fs for lsn, (fs, _) in self.unapplied.items() if lsn > flushed]
+        if lost:
+            self.rescan_first_seen = min(lost + [self.rescan_first_seen or lost[0]])
+        self.unapplied = {k: v for k, v in self.unapplied.items()
+                          if position.applied_lsn < k <= flushed}
+        self.next_lsn = flushed + 1
+        self.written_lsn = self.flushed_lsn = flushed
+        self.applied_lsn = position.applied_lsn
+        self.full_rescan = True
+        if self.state != "error":
+            self.state = "catching_up"
+        self._wake.set()
+
+    def on_ack(self, ack: pb.DatasetAck) -> None:
+        if ack.flushed_lsn > self.flushed_lsn:
+            self.flushed_lsn = ack.flushed_lsn
+            self.view.acked(min(ack.flushed_lsn, self.next_lsn - 1))
+        self.written_lsn = max(self.written_lsn, ack.written_lsn)
+        if ack.applied_lsn > self.applied_lsn:
+            self.applied_lsn = ack.applied_lsn
+            for lsn in [k for k in self.unapplied if k <= ack.applied_lsn]:
+                del self.unapplied[lsn]
+        if ack.error:
+            self._log_error("receiver", f"receiver cannot apply: {ack.error}")
+        now = time.time()
+        for path in ack.resync_paths:
+            log.warning("receiver asks for a whole file dataset=%s path=%r", self.name, path)
+            self.force_whole.add(path)
+            self.dirty.setdefault(path, now)
+        if ack.resync_paths:
+            self._wake.set()
+        self._update_state()
+
+    def on_disconnect(self) -> None:
+        if self.state != "error":
+            self.state = "starting"
+
+    def lag(self) -> pb.DatasetLag:
+        dirty_first = min([*self.dirty.values(), *self.held.values()], default=0.0)
+        if self.full_rescan and self.rescan_first_seen:
+            dirty_first = min(dirty_first or self.rescan_first_seen, self.rescan_first_seen)
+        records = list(self.unapplied.items())
+        if self.current is not None:
+            records.append((self.next_lsn, self.current))
+
+        def oldest(after: int) -> float:
+            times = [fs for lsn, (fs, _) in records if lsn > after and fs]
+            if dirty_first:
+                times.append(dirty_first)
+            return min(times, default=0.0)
+
+        return pb.DatasetLag(
+            state=self.state, error=self.error or "", last_lsn=self.next_lsn - 1,
+            oldest_unwritten_at=oldest(self.written_lsn),
+            oldest_unflushed_at=oldest(self.flushed_lsn),
+            oldest_unapplied_at=oldest(self.applied_lsn),
+            pending_bytes=sum(b for _, (_, b) in records),
+            pending_changes=(len(self.dirty) + len(self.held) + len(records)
+                             + (1 if self.full_rescan else 0)),
+        )
+
+    def _caught_up(self) -> bool:
+        return (not self.dirty and not self.held and not self.full_rescan
+                and self.current is None
+                and self.applied_lsn >= self.next_lsn - 1)
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        watcher = self.watcher = Watcher(self.root, self.excludes)
+        try:
+            await watcher.start()
+        except OSError as e:
+            self._set_error(f"cannot watch {self.root}: {e.strerror or e}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch(watcher))
+                tg.create_task(self._periodic_rescan())
+                tg.create_task(self._reconcile_loop())
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+            self.index.close()
+
+    async def _watch(self, watcher: Watcher) -> None:
+        async for batch in watcher.batches():
+            log.debug("dirty dataset=%s paths=%s", self.name, sorted(batch))
+            for path, first_seen in batch.items():
+                if path == RESCAN:
+                    self._request_rescan(first_seen)
+                elif path not in self.dirty:
+                    self.dirty[path] = first_seen
+            self._wake.set()
+
+    async def _periodic_rescan(self) -> None:
+        while True:
+            await asyncio.sleep(self.rescan_interval)
+            self._request_rescan(0.0)
+
+    def _request_rescan(self, first_seen: float) -> None:
+        self.full_rescan = True
+        if first_seen and (not self.rescan_first_seen or first_seen < self.rescan_first_seen):
+            self.rescan_first_seen = first_seen
+        self._wake.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            generation = await self.link.wait_connected()
+            if not (self.full_rescan or self.dirty):
+                self._update_state()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            try:
+                self._check_root()
+                if self.error is not None:
+                    log.info("dataset recovered dataset=%s", self.name)
+                    self.error = None
+                    self.state = "catching_up"
+                    self.full_rescan = True
+                if self.full_rescan:
+                    await self._rescan(generation)
+                else:
+                    batch, self.dirty = self.dirty, {}
+                    await self._reconcile(generation, batch)
+            except Disconnected:
+                continue
+            except SourceUnsafe as e:
+                self._set_error(e.message)
+                self.full_rescan = True  # keep checking; rescan everything once healthy
+                await asyncio.sleep(GUARD_RETRY_INTERVAL)
+
+    def _update_state(self) -> None:
+        if self.state == "catching_up" and self._caught_up():
+            self.state = "streaming"
+            self.link.heartbeat_soon()
+
+    def _set_error(self, message: str) -> None:
+        if self.error != message:
+            log.error("dataset stopped shipping dataset=%s error=%s", self.name, message)
+        self.error = message
+        self.state = "error"
+        self.link.heartbeat_soon()
+
+    # ---- safety guard ----
+
+    def _check_root(self) -> None:
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            raise SourceUnsafe(f"dataset root {self.root} is gone ({e.strerror})") from None
+        if not st_mod.S_ISDIR(st.st_mode):
+            raise SourceUnsafe(f"dataset root {self.root} is not a directory")
+        if self._root_dev is None:
+            self._root_dev = st.st_dev
+        elif st.st_dev != self._root_dev:
+            raise SourceUnsafe(f"dataset root {self.root} is on another file system now "
+                               "(unmounted?)")
+        try:
+            with os.scandir(self.root) as it:
+                empty = next(it, None) is None
+        except OSError as e:
+            raise SourceUnsafe(f"dataset root {self.root} is unreadable ({e.strerror})") from None
+        if empty and self.view.children(""):
+            raise SourceUnsafe(f"dataset root {self.root} became empty in one go; not "
+                               "wiping the mirror")
+
+    # ---- reconciling ----
+
+    async def _rescan(self, generation: int) -> None:
+        self.full_rescan = False
+        first_seen = self.rescan_first_seen or time.time()
+        self.rescan_first_seen = 0.0
+        started = time.monotonic()
+        seen: set[str] = set()
+        try:
+            async for path, st in _in_thread(scan(self.root, self.excludes)):
+                seen.add(path)
+                await self._examine(generation, path, st, first_seen, descend=False)
+            gone = sorted(p for p in self.view.paths() if p not in seen)
+            if gone:
+                self._check_root()
+            for path in gone:
+                if self.view.get(path) is not None and _lstat(self.root / path) is None:
+                    await self._delete(generation, path, first_seen)
+        except BaseException:
+            self.rescan_first_seen = first_seen
+            self.full_rescan = True
+            raise
+        log.info("rescan done dataset=%s entries=%d seconds=%.3f", self.name, len(seen),
+                 time.monotonic() - started)
+
+    async def _reconcile(self, generation: int, batch: dict[str, float]) -> None:
+        existing: dict[str, tuple[os.stat_result, float]] = {}
+        missing: dict[str, float] = {}
+        try:
+            for path, first_seen in batch.items():
+                st = _lstat(self.root / path)
+                if st is None:
+                    missing[path] = first_seen
+                    continue
+                # a path whose parent the receiver does not have yet: start at the parent
+                top = path
+                parent = parent_of(top)
+                while parent and self.view.get(parent) is None:
+                    top, parent = parent, parent_of(parent)
+                if top != path:
+                    pst = _lstat(self.root / top)
+                    if pst is not None:
+                        existing.setdefault(top, (pst, first_seen))
+                existing[path] = (st, first_seen)
+            for path in sorted(existing, key=depth):
+                st, first_seen = existing[path]
+                await self._examine(generation, path, st, first_seen, descend=True)
+            missing = self._hold_deletions(missing)
+            if missing:
+                self._check_root()
+            for path in sorted(missing, key=depth):
+                if self.view.get(path) is not None and _lstat(self.root / path) is None:
+                    await self._delete(generation, path, missing[path])
+        except BaseException:
+            # nothing is lost: whatever was not shipped is found again
+            for path, first_seen in batch.items():
+                self.dirty.setdefault(path, first_seen)
+            raise
+
+    def _hold_deletions(self, missing: dict[str, float]) -> dict[str, float]:
+        """Returns the deletions that are due; holds back the others for a moment.
+
+        A path that vanished may have been renamed, and the event of its new name may not
+        have reached us yet (the watcher settles each path on its own): shipping the
+        deletion now would send the whole file again under its new name.
+        """
+        now = time.time()
+        busy = self.watcher is not None and self.watcher.pending > 0
+        due: dict[str, float] = {}
+        held: dict[str, float] = {}
+        for path, first_seen in missing.items():
+            if self.view.get(path) is None:
+                continue
+            age = now - first_seen
+            if age >= DELETE_MAX_HOLD or (age >= DELETE_GRACE and not busy):
+                due[path] = first_seen
+            else:
+                held[path] = first_seen
+        if held:
+            self.held.update(held)
+
+            def again() -> None:
+                for path in held:
+                    first_seen = self.held.pop(path, None)
+                    if first_seen is not None:
+                        self.dirty.setdefault(path, first_seen)
+                self._wake.set()
+            asyncio.get_running_loop().call_later(DELETE_GRACE, again)
+        return due
+
+    async def _examine(self, generation: int, path: str, st: os.stat_result,
+                       first_seen: float, *, descend: bool) -> None:
+        kind = kind_of(st.st_mode)
+        if kind is None:
+            return
+        entry = self.view.get(path)
+        if entry is None or entry.ino != st.st_ino or entry.kind != kind:
+            source = self._renamed_from(path, st, kind)
+            if source is not None:
+                await self._send(generation, Header(Op.RENAME, source, new_path=path,
+                                                    first_seen=first_seen),
+                                 [Move(source, path)])
+                self._follow_move(source, path)
+                entry = self.view.get(path)
+        try:
+            if kind == KIND_DIR:
+                await self._examine_dir(generation, path, st, entry, first_seen, descend)
+            elif kind == KIND_SYMLINK:
+                await self._examine_symlink(generation, path, st, entry, first_seen)
+            else:
+                await self._examine_file(generation, path, st, entry, first_seen)
+        except FileNotFoundError:
+            pass  # gone meanwhile: its deletion event follows
+        except OSError as e:
+            self._log_error(path, f"cannot read {path!r}: {e.strerror or e}")
+
+    def _follow_move(self, old: str, new: str) -> None:
+        """Pending paths below a renamed directory now live under its new name."""
+        prefix = old + "/"
+        for pending in (self.dirty, self.held):
+            for path in [p for p in pending if p.startswith(prefix)]:
+                pending.setdefault(new + path[len(old):], pending.pop(path))
+
+    def _renamed_from(self, path: str, st: os.stat_result, kind: str) -> str | None:
+        for candidate in self.view.by_inode(st.st_ino):
+            if candidate == path:
+                continue
+            entry = self.view.get(candidate)
+            if entry is None or entry.kind != kind:
+                continue
+            if path.startswith(candidate + "/"):
+                continue  # a directory cannot move into itself
+            now = _lstat(self.root / candidate)
+            if now is None or now.st_ino != st.st_ino:
+                return candidate
+        return None
+
+    async def _examine_dir(self, generation: int, path: str, st: os.stat_result,
+                           entry: Entry | None, first_seen: float, descend: bool) -> None:
+        attrs, xdigest = self._attrs(path, st)
+        new = entry is None or entry.kind != KIND_DIR
+        if new or _attrs_differ(entry, st, xdigest, self.with_owner):
+            await self._send(generation, Header(Op.MKDIR, path, attrs=attrs,
+                                                first_seen=first_seen),
+                             [Put(path, _entry(KIND_DIR, st, xdigest))])
+        if new and descend:
+            # a directory that appeared may already hold files its events never named
+            async for child, cst in _in_thread(scan_subtree(self.root, path, self.excludes)):
+                await self._examine(generation, child, cst, first_seen, descend=False)
+        elif descend:
+            # a directory whose entries changed: anything gone that no event named is
+            # checked as a deletion too (events can be lost or name a path stale by a rename)
+            try:
+                present = set(os.listdir(self.root / path))
+            except OSError:
+                return
+            for name in self.view.children(path):
+                if name not in present:
+                    self.dirty.setdefault(f"{path}/{name}", first_seen)
+
+    async def _examine_symlink(self, generation: int, path: str, st: os.stat_result,
+                               entry: Entry | None, first_seen: float) -> None:
+        target = os.readlink(self.root / path)
+        if (entry is not None and entry.kind == KIND_SYMLINK and entry.target == target
+                and not _attrs_differ(entry, st, entry.xattr_digest, self.with_owner)
+                and entry.mtime_ns == st.st_mtime_ns):
+            return
+        attrs, xdigest = self._attrs(path, st, xattrs=False)
+        e = _entry(KIND_SYMLINK, st, xdigest)
+        e.target = target
+        await self._send(generation, Header(Op.SYMLINK, path, target=target, attrs=attrs,
+                                            first_seen=first_seen), [Put(path, e)])
+
+    async def _examine_file(self, generation: int, path: str, st: os.stat_result,
+                            entry: Entry | None, first_seen: float) -> None:
+        whole = (entry is None or entry.kind != KIND_FILE or not entry.digest
+                 or path in self.force_whole)
+        if (not whole and entry is not None and entry.size == st.st_size
+                and entry.mtime_ns == st.st_mtime_ns and entry.ino == st.st_ino):
+            if entry.ctime_ns == st.st_ctime_ns and not _racy(entry):
+                return  # unchanged
+            # same size and mtime: attributes only, or a write within one clock tick?
+            state = await self._read_consistent(path)
+            if state is None:
+                return
+            if state.digest == entry.digest:
+                attrs, xdigest = self._attrs(path, st)
+                new = _entry(KIND_FILE, st, xdigest, state)
+                await self._send(generation, Header(Op.SETATTR, path, attrs=attrs,
+                                                    first_seen=first_seen),
+                                 [Put(path, new, None)])
+                return
+        old_hashes = None if whole else self.view.hashes(path)
+        await self._send_file(generation, path, entry if old_hashes else None, old_hashes,
+                              first_seen)
+
+    async def _read_consistent(self, path: str) -> FileState | None:
+        for _ in range(3):
+            try:
+                return await asyncio.to_thread(read_state, self.root / path, self.block_size)
+            except TornRead:
+                await asyncio.sleep(TORN_RETRY_DELAY)
+        self._retry_later(path, time.time())
+        return None
+
+    async def _send_file(self, generation: int, path: str, entry: Entry | None,
+                         old_hashes: bytes | None, first_seen: float) -> None:
+        reader = await asyncio.to_thread(FileReader, self.root / path, self.block_size,
+                                         old_hashes)
+        try:
+            st0 = reader.stat
+            attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
+            header = Header(
+                Op.FILE, path, attrs=attrs, size=st0.st_size,
+                base=Base.PREVIOUS if entry is not None else Base.EMPTY,
+                base_digest=entry.digest if entry is not None else b"",
+                block_size=self.block_size, first_seen=first_seen)
+            lsn = self._begin(first_seen)
+            try:
+                await self.link.send(generation, self.dataset, [Frame(lsn, header)])
+                chunks = reader.chunks()
+                while True:
+                    blocks = await asyncio.to_thread(next, chunks, None)
+                    if blocks is None:
+                        break
+                    self.current = (first_seen, reader.raw_bytes)
+                    await self.link.send(generation, self.dataset,
+                                         [Frame(lsn, b) for b in blocks])
+                try:
+                    state = await asyncio.to_thread(reader.finish)
+                except TornRead:
+                    await self.link.send(generation, self.dataset,
+                                         [Frame(lsn, End(aborted=True))])
+                    self._end(lsn, [])
+                    self._retry_later(path, first_seen)
+                    return
+                await self.link.send(generation, self.dataset,
+                                     [Frame(lsn, End(digest=state.digest))])
+            except BaseException:
+                self.current = None
+                raise
+            self.force_whole.discard(path)
+            self.raw_bytes_sent += reader.raw_bytes
+            self._end(lsn, [Put(path, _entry(KIND_FILE, st0, xdigest, state), state.hashes)],
+                      raw_bytes=reader.raw_bytes)
+        finally:
+            reader.close()
+
+    async def _delete(self, generation: int, path: str, first_seen: float) -> None:
+        await self._send(generation, Header(Op.DELETE, path, first_seen=first_seen),
+                         [Remove(path)])
+
+    async def _send(self, generation: int, header: Header, mutations: list[Mutation]) -> None:
+        lsn = self._begin(header.first_seen)
+        try:
+            await self.link.send(generation, self.dataset,
+                                 [Frame(lsn, header), Frame(lsn, End())])
+        except BaseException:
+            self.current = None
+            raise
+        self._end(lsn, mutations)
+
+    def _begin(self, first_seen: float) -> int:
+        self.current = (first_seen, 0)
+        return self.next_lsn
+
+    def _end(self, lsn: int, mutations: list[Mutation], raw_bytes: int = 0) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("record dataset=%s lsn=%d mutations=%s", self.name, lsn, mutations)
+        self.view.record(lsn, mutations)
+        self.unapplied[lsn] = (self.current[0] if self.current else time.time(), raw_bytes)
+        self.current = None
+        self.next_lsn = lsn + 1
+        self.records_sent += 1
+
+    def _retry_later(self, path: str, first_seen: float) -> None:
+        def again() -> None:
+            self.dirty.setdefault(path, first_seen)
+            self._wake.set()
+        asyncio.get_running_loop().call_later(TORN_RETRY_DELAY, again)
+
+    # ---- attributes ----
+
+    def _attrs(self, path: str, st: os.stat_result, *, fd: int | None = None,
+               xattrs: bool = True) -> tuple[Attrs, bytes]:
+        values: dict[str, bytes] | None = None
+        xdigest = b""
+        if xattrs and self._xattrs_supported:
+            values = self._read_xattrs(self.root / path if fd is None else fd)
+            if values:
+                h = xxhash.xxh3_128()
+                for k in sorted(values):
+                    h.update(k.encode("utf-8", "surrogateescape") + b"\0" + values[k] + b"\0")
+                xdigest = h.digest()
+        attrs = Attrs(
+            mode=st.st_mode, mtime_ns=st.st_mtime_ns,
+            uid=st.st_uid if self.with_owner else None,
+            gid=st.st_gid if self.with_owner else None,
+            xattrs=values,
+        )
+        return attrs, xdigest
+
+    def _read_xattrs(self, target: Path | int) -> dict[str, bytes] | None:
+        try:
+            if isinstance(target, int):
+                names = os.listxattr(target)
+                return {n: os.getxattr(target, n) for n in names}
+            names = os.listxattr(target, follow_symlinks=False)
+            return {n: os.getxattr(target, n, follow_symlinks=False) for n in names}
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                self._xattrs_supported = False
+                return None
+            if e.errno in (errno.EACCES, errno.EPERM, errno.ENODATA):
+                return None
+            raise
+
+    def _log_error(self, key: str, message: str) -> None:
+        self.errors[key] = self.errors.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._error_logged.get(key, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
+            self._error_logged[key] = now
+            log.warning("dataset=%s %s", self.name, message)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _racy(entry: Entry) -> bool:
+    return entry.mtime_ns >= entry.stat_ns - RACY_MARGIN_NS
+
+
+def _entry(kind: str, st: os.stat_result, xdigest: bytes,
+           state: FileState | None = None) -> Entry:
+    e = Entry(kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+              ino=st.st_ino, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+              stat_ns=time.time_ns(), xattr_digest=xdigest)
+    if state is not None:
+        e.size = state.size
+        e.mtime_ns = state.mtime_ns
+        e.ctime_ns = state.ctime_ns
+        e.digest = state.digest
+    return e
+
+
+def _attrs_differ(entry: Entry | None, st: os.stat_result, xdigest: bytes,
+                  with_owner: bool) -> bool:
+    if entry is None:
+        return True
+    if entry.mode != st.st_mode or entry.mtime_ns != st.st_mtime_ns:
+        return True
+    if with_owner and (entry.uid != st.st_uid or entry.gid != st.st_gid):
+        return True
+    return entry.xattr_digest != xdigest
+
+
+async def _in_thread(it: Iterator[tuple[str, os.stat_result]]):  # type: ignore[no-untyped-def]
+    """Runs a blocking scan in a worker thread, handing entries over in chunks."""
+
+    def take() -> list[tuple[str, os.stat_result]]:
+        out = []
+        for item in it:
+            out.append(item)
+            if len(out) >= RESCAN_CHUNK:
+                break
+        return out
+
+    while True:
+        chunk = await asyncio.to_thread(take)
+        if not chunk:
+            return
+        for item in chunk:
+            yield item
