@@ -1,16 +1,41 @@
-"""`replicator agent`."""
+"""`replicator agent --config FILE`: the agent daemon, in the foreground."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 
-from replicator.errors import ReplicatorError
+from replicator.agent.agent import Agent
+from replicator.cli.common import add_logging_options, setup_logging
+from replicator.config import load_agent
+from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
+from replicator.observe.http import HttpServer, json_route
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("agent", help="(not yet available)")
+    p = sub.add_parser("agent", help="run the agent daemon (primary)")
+    p.add_argument("--config", required=True, help="agent configuration (TOML)")
+    add_logging_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ReplicatorError("'agent' is not implemented yet")
+    config = load_agent(args.config)
+    setup_logging(args)
+    lock_state_dir(config.state_dir)
+    agent = Agent.from_config(config, channel_credentials(config.tls))
+
+    async def main() -> None:
+        http = None
+        try:
+            if config.http:
+                http = HttpServer(config.http, {"/status": json_route(agent.status_document)})
+                await http.start()
+            task = asyncio.ensure_future(agent.run())
+            notify("READY=1")
+            await task
+        finally:
+            if http is not None:
+                await http.stop()
+
+    return serve(main)

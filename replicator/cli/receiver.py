@@ -1,16 +1,47 @@
-"""`replicator receiver`."""
+"""`replicator receiver --config FILE`: the receiver daemon, in the foreground."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 
-from replicator.errors import ReplicatorError
+from replicator.cli.common import add_logging_options, setup_logging
+from replicator.config import load_receiver
+from replicator.daemon import lock_state_dir, notify, serve, server_credentials
+from replicator.observe.http import HttpServer, json_route
+from replicator.receiver.receiver import Receiver
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("receiver", help="(not yet available)")
+    p = sub.add_parser("receiver", help="run the receiver daemon (DR site)")
+    p.add_argument("--config", required=True, help="receiver configuration (TOML)")
+    add_logging_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise ReplicatorError("'receiver' is not implemented yet")
+    config = load_receiver(args.config)
+    setup_logging(args)
+    lock_state_dir(config.state_dir)
+    credentials = server_credentials(config.tls)
+    receiver = Receiver(config.state_dir, lambda s, d: config.mirror_root / s / d,
+                        sources=config.sources)
+
+    async def main() -> None:
+        http = None
+        try:
+            await receiver.start(config.listen, credentials)
+            if config.http:
+                http = HttpServer(config.http, {"/status": json_route(receiver.status_document)})
+                await http.start()
+            notify("READY=1")
+            await asyncio.Event().wait()
+        finally:
+            if http is not None:
+                await http.stop()
+            await receiver.stop()
+
+    return serve(main)

@@ -1,0 +1,147 @@
+"""Running a daemon: runtime objects from config, signals, systemd notify, locking.
+
+`serve(main)` runs `main()` until it ends or until SIGTERM/SIGINT, which cancel it and
+exit cleanly with 0. SIGHUP reloads nothing yet and says so. READY=1 goes to systemd (when
+NOTIFY_SOCKET is set) once the daemon serves; STOPPING=1 when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from replicator.config import TlsConfig
+from replicator.errors import ConfigError, ReplicatorError
+
+log = logging.getLogger(__name__)
+
+
+def notify(state: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("systemd notify failed socket=%s error=%s", address, e.strerror)
+
+
+def raise_fd_limit() -> None:
+    """Deep trees hold one fd per level while walked: take the hard limit of open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Creates state_dir and holds an exclusive lock on it for the life of the process."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"state_dir {state_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"state_dir {state_dir} is in use by another replicator "
+                          "process") from None
+    return fd
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"tls.{what}: {path}: {e.strerror}") from None
+
+
+def channel_credentials(tls: TlsConfig | None) -> grpc.ChannelCredentials | None:
+    if tls is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls.ca, "ca"),
+                                        private_key=_read(tls.key, "key"),
+                                        certificate_chain=_read(tls.cert, "cert"))
+
+
+def server_credentials(tls: TlsConfig | None) -> grpc.ServerCredentials | None:
+    if tls is None:
+        return None
+    key, cert = _read(tls.key, "key"), _read(tls.cert, "cert")
+    assert key is not None and cert is not None
+    client_ca = _read(tls.client_ca, "client_ca")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def serve(main: Callable[[], Awaitable[None]]) -> int:
+    """Runs main until it returns or a stop signal arrives; returns the exit code."""
+
+    raise_fd_limit()
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopping = False
+
+        def stop(signame: str) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                log.info("stopping signal=%s", signame)
+                notify("STOPPING=1")
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.info("SIGHUP: nothing can be reloaded safely yet; "
+                                            "restart to apply configuration changes"))
+        try:
+            await main()
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(runner())
+    except BaseExceptionGroup as group:  # a TaskGroup's failure: report the cause
+        cause = _first_error(group)
+        if cause is not None:
+            raise cause from None
+        raise
+    return 0
+
+
+def _first_error(group: BaseExceptionGroup) -> ReplicatorError | None:  # type: ignore[type-arg]
+    for e in group.exceptions:
+        if isinstance(e, ReplicatorError):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            found = _first_error(e)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,1 @@
+"""Views of the lag model: HTTP (status, metrics, dashboard) and MQTT."""
