@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Daemon, agent_config, free_port, receiver_config
+
+
+@dataclass
+class Pair:
+    """A receiver and an agent as separate processes, with their paths and ports."""
+
+    tmp: Path
+    src: Path
+    mirror_root: Path
+    receiver: Daemon
+    agent: Daemon
+    receiver_port: int
+    receiver_http: int
+    agent_http: int
+
+    @property
+    def dst(self) -> Path:
+        return self.mirror_root / "app1" / "docs"
+
+    @property
+    def receiver_status(self) -> str:
+        return f"http://127.0.0.1:{self.receiver_http}/status"
+
+    @property
+    def agent_status(self) -> str:
+        return f"http://127.0.0.1:{self.agent_http}/status"
+
+    def restart_receiver(self) -> None:
+        self.receiver = Daemon(self.receiver.args, self.receiver.log_path).start()
+
+    def restart_agent(self) -> None:
+        self.agent = Daemon(self.agent.args, self.agent.log_path).start()
+
+
+def make_pair(tmp: Path, *, agent_target_port: int | None = None) -> Pair:
+    src = tmp / "src"
+    src.mkdir(exist_ok=True)
+    mirror_root = tmp / "mirror"
+    rport, rhttp, ahttp = free_port(), free_port(), free_port()
+    rconf = receiver_config(tmp / "receiver.toml", listen_port=rport, state=tmp / "rstate",
+                            mirror_root=mirror_root, http_port=rhttp)
+    aconf = agent_config(tmp / "agent.toml", receiver_port=agent_target_port or rport,
+                         state=tmp / "astate", source=src, http_port=ahttp)
+    receiver = Daemon(["receiver", "--config", str(rconf), "--log-level", "debug"],
+                      tmp / "receiver.log")
+    agent = Daemon(["agent", "--config", str(aconf), "--log-level", "debug"], tmp / "agent.log")
+    return Pair(tmp, src, mirror_root, receiver, agent, rport, rhttp, ahttp)
+
+
+@pytest.fixture
+def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    p = make_pair(tmp_path)
+    yield p
+    for d in (p.agent, p.receiver):
+        d.kill()
