@@ -22,18 +22,25 @@ from typing import Any
 
 from benchmarks.util import free_port
 
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 HTTP_TIMEOUT = 2.0
+ERROR_GRACE = 5.0  # a dataset in `error` this long is not going to catch up
 REPLICATOR = [sys.executable, "-m", "replicator"]
+# `python -m` puts the working directory first on sys.path: run from the checkout so that
+# the package imported is this one, whatever the caller's directory holds
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # replicator_bytes_total{...,stage="wire",...} 1234.0
 _SAMPLE = re.compile(r"^replicator_bytes_total\{([^}]*)\}\s+([0-9.eE+-]+)", re.MULTILINE)
 _WIRE = re.compile(r'\bstage="wire"')
 
 
-class MirrorUnavailable(RuntimeError):
-    """`replicator mirror` exited on its own before serving a status."""
+class MirrorFailed(RuntimeError):
+    """The mirror exited, or reported a dataset in `error`, instead of catching up."""
+
+
+class MirrorUnavailable(MirrorFailed):
+    """`replicator mirror` exited on its own."""
 
 
 def is_caught_up(doc: dict[str, Any] | None) -> bool:
@@ -65,6 +72,7 @@ class MirrorProcess:
         self.command = command or REPLICATOR
         self.port = 0
         self.started_at = 0.0
+        self.answered = False  # it served a status document at least once
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: http.client.HTTPConnection | None = None
 
@@ -77,7 +85,8 @@ class MirrorProcess:
                "--http", f"127.0.0.1:{self.port}", "--state-dir", str(self.state_dir)]
         with open(self.log_path, "ab") as log:
             self.started_at = time.perf_counter()
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                          cwd=REPO_ROOT)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -114,7 +123,10 @@ class MirrorProcess:
             doc = json.loads(body)
         except ValueError:
             return None
-        return doc if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            return None
+        self.answered = True
+        return doc
 
     def dataset(self) -> dict[str, Any] | None:
         """The first dataset's status object (a mirror has one)."""
@@ -130,13 +142,23 @@ class MirrorProcess:
         """Poll until caught up (and `dst_ready()`, if given); return the perf_counter time
         it was first seen. Raises MirrorUnavailable if the process dies, TimeoutError."""
         end = time.perf_counter() + timeout
+        error_since: float | None = None
         while True:
             self.check_alive()
-            if is_caught_up(self.status()) and (dst_ready is None or dst_ready()):
+            doc = self.status()
+            if is_caught_up(doc) and (dst_ready is None or dst_ready()):
                 return time.perf_counter()
-            if time.perf_counter() > end:
+            now = time.perf_counter()
+            if doc and any(d.get("state") == "error" for d in doc.get("datasets", [])):
+                error_since = error_since or now
+                if now - error_since > ERROR_GRACE:
+                    raise MirrorFailed(f"dataset in error for {ERROR_GRACE:.0f}s: "
+                                       f"{self.log_tail(3)}")
+            else:
+                error_since = None
+            if now > end:
                 raise TimeoutError(f"replicator mirror not caught up after {timeout:.0f}s; "
-                                   f"status={self.status()}")
+                                   f"status={doc}; log: {self.log_tail(3)}")
             time.sleep(interval)
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,10 @@ def describe(args: argparse.Namespace, settings: Settings) -> str:
     ])
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -99,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("rsync daemon up port=%d workdir=%s", rsyncd.port, work)
             for name in names:
                 log.info("benchmark start name=%s", name)
+                bench.current = name
                 BENCHMARKS[name](bench)
     finally:
         if args.keep:
             log.info("data kept workdir=%s", work)
         else:
+            t1 = time.perf_counter()
             shutil.rmtree(work, ignore_errors=True)
+            log.info("data removed workdir=%s seconds=%.1f", work, time.perf_counter() - t1)
 
     print()
     print(describe(args, settings))
@@ -122,4 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: children stopped, data removed
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

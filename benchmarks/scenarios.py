@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import datagen
-from benchmarks.mirror import MirrorProcess, MirrorUnavailable, is_caught_up
+from benchmarks.mirror import MirrorFailed, MirrorProcess, MirrorUnavailable, is_caught_up
 from benchmarks.report import MIB, Row, Target, median, percentile
 from benchmarks.rsyncd import RsyncDaemon
 from benchmarks.util import count_files, drop_caches, files_equal, trees_equal
 
 log = logging.getLogger("bench")
 
-SYNC_TIMEOUT = 600.0
+SYNC_TIMEOUT = 300.0
 CATCH_UP_POLL = 0.01
 LATENCY_FILE_SIZE = 64 * 1024
 LATENCY_FILE_POLL = 0.001
@@ -74,6 +74,8 @@ class Bench:
     replicator_error: str | None = None
     _synced: set[str] = field(default_factory=set)  # "big:rsync", "big:replicator"
     _runs: int = 0
+    _failed_in: str | None = None  # benchmark in which replicator failed: skip its other runs
+    current: str = ""  # the benchmark running
 
     # --- paths -----------------------------------------------------------------------
 
@@ -87,9 +89,13 @@ class Bench:
     # --- helpers ---------------------------------------------------------------------
 
     def cold(self) -> None:
-        if self.settings.drop_caches and not drop_caches():
+        if not self.settings.drop_caches:
+            return
+        t0 = time.perf_counter()
+        if not drop_caches():
             self.settings.drop_caches = False
             self.notes.append("could not drop the page cache: runs are warm after the first")
+        log.info("page cache dropped seconds=%.1f", time.perf_counter() - t0)
 
     def rsync(self, src: Path, subpath: str) -> tuple[float, int]:
         self.cold()
@@ -102,18 +108,18 @@ class Bench:
                    dst_ready: Callable[[], bool]) -> tuple[float, int | None] | None:
         """Start a mirror, time it to caught up, read the wire bytes, stop it. None when
         replicator cannot run (then its columns read n/a)."""
-        if self.replicator_error is not None:
+        if self.replicator_error is not None or self._failed_in == self.current:
             return None
         self.cold()
         self._runs += 1
-        proc = self._mirror(src, dst, state, f"run{self._runs}")
+        proc = self._mirror(src, dst, state, f"{self.current}-{self._runs}")
         try:
             proc.start()
             done = proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL, dst_ready)
             seconds = done - proc.started_at
             wire = proc.wire_bytes()
-        except (MirrorUnavailable, TimeoutError) as e:
-            self._give_up(str(e))
+        except (MirrorFailed, TimeoutError) as e:
+            self._failed(proc, e)
             return None
         finally:
             proc.stop()
@@ -126,10 +132,18 @@ class Bench:
         return MirrorProcess(src, dst, state, logs / f"mirror-{name}.log",
                              self.settings.replicator)
 
-    def _give_up(self, why: str) -> None:
-        self.replicator_error = why
-        self.notes.append(f"replicator skipped from here on: {why}")
-        log.warning("replicator unavailable reason=%r", why)
+    def _failed(self, proc: MirrorProcess, e: Exception) -> None:
+        """A mirror that never answered cannot run at all: skip replicator everywhere.
+        One that failed along the way: skip the rest of this benchmark only."""
+        if isinstance(e, MirrorUnavailable) and not proc.answered:
+            self.replicator_error = str(e)
+            self.notes.append(f"replicator skipped from here on: {e}")
+            log.warning("replicator unavailable reason=%r", str(e))
+        else:
+            self._failed_in = self.current
+            self.notes.append(f"replicator failed in {self.current}, its other runs there "
+                              f"skipped: {e} (log {proc.log_path.name})")
+            log.warning("replicator failed benchmark=%s reason=%r", self.current, str(e))
 
     def _check(self, ok: bool, what: str) -> None:
         if not ok:
@@ -314,12 +328,14 @@ class Bench:
                       target=Target("absolute", 100, "<= 100 ms"))
         rows = [vis_med, vis_p99, dur_med, dur_p99]
         for rep in range(s.reps):
-            if self.replicator_error is not None:
+            if self.replicator_error is not None or self._failed_in == self.current:
                 break
+            proc = self._mirror(self._dir("src-lat"), self._dir("dst-lat"),
+                                self._dir("state-lat"), f"latency{rep}")
             try:
-                visible, durable = self._latency_run(rep)
-            except (MirrorUnavailable, TimeoutError) as e:
-                self._give_up(str(e))
+                visible, durable = self._latency_run(rep, proc)
+            except (MirrorFailed, TimeoutError) as e:
+                self._failed(proc, e)
                 break
             vis_med.replicator.append(_ms(median(visible)))
             vis_p99.replicator.append(_ms(percentile(visible, 99)))
@@ -327,15 +343,14 @@ class Bench:
             dur_p99.replicator.append(_ms(percentile(durable, 99)))
         self.rows += rows
 
-    def _latency_run(self, rep: int) -> tuple[list[float], list[float]]:
+    def _latency_run(self, rep: int, proc: MirrorProcess) -> tuple[list[float], list[float]]:
         s = self.settings
-        src, dst, state = self._dir("src-lat"), self._dir("dst-lat"), self._dir("state-lat")
+        src, dst, state = proc.src, proc.dst, proc.state_dir
         self._fresh(src, dst, state)
         src.mkdir(parents=True)
         rng = random.Random(s.seed + 2000 + rep)
         hot, mirrored = src / "hot.bin", dst / "hot.bin"
         hot.write_bytes(rng.randbytes(LATENCY_FILE_SIZE))
-        proc = self._mirror(src, dst, state, f"latency{rep}")
         visible: list[float] = []
         durable: list[float] = []
         misses = 0

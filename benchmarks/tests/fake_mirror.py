@@ -102,7 +102,8 @@ def main() -> int:
                     state.lsn += 1
                     state.wire += st.st_size
         with state.lock:
-            state.state = "streaming"
+            # FAKE_MIRROR_STATE=error plays a mirror whose applier has stopped
+            state.state = os.environ.get("FAKE_MIRROR_STATE", "streaming")
         time.sleep(POLL)
 
 

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from benchmarks.mirror import MirrorProcess, MirrorUnavailable, is_caught_up, parse_wire_bytes
+from benchmarks import mirror
+from benchmarks.mirror import (
+    MirrorFailed,
+    MirrorProcess,
+    MirrorUnavailable,
+    is_caught_up,
+    parse_wire_bytes,
+)
 from benchmarks.util import files_equal
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_mirror.py"))]
@@ -72,3 +79,19 @@ def test_a_mirror_that_exits_is_reported_with_its_stderr(tmp_path: Path) -> None
     with pytest.raises(MirrorUnavailable, match="not implemented"):
         proc.wait_caught_up(30)
     proc.stop()
+
+
+def test_a_dataset_stuck_in_error_fails_fast(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_MIRROR_STATE", "error")
+    monkeypatch.setattr(mirror, "ERROR_GRACE", 0.3)
+    src = tmp_path / "src"
+    src.mkdir()
+    proc = MirrorProcess(src, tmp_path / "dst", tmp_path / "state", tmp_path / "log", FAKE)
+    try:
+        proc.start()
+        with pytest.raises(MirrorFailed, match="in error"):
+            proc.wait_caught_up(30)
+        assert proc.answered
+    finally:
+        proc.stop()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,9 @@ def test_daemon_syncs_a_tree_and_then_only_the_delta(tmp_path: Path) -> None:
     src = tmp_path / "src"
     datagen.make_small_tree(src / "tree", count=30, dirs=3, size=4096, seed=1)
     datagen.make_big_file(src / "big.bin", 8 << 20, seed=1)
+    # rsync's quick check compares whole seconds: make the change below land in a later one
+    old = time.time() - 10
+    os.utime(src / "big.bin", (old, old))
     with RsyncDaemon(tmp_path / "module", tmp_path / "conf") as d:
         assert port_open(d.port)
         first = d.sync(src, "dst")
