@@ -73,7 +73,7 @@ class Session:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
             return
         try:
-            welcome = self._hello(first)
+            welcome = await self._hello(first)
         except ProtocolError as e:
             log.warning("stream refused peer=%s error=%s", self.peer, e.message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
@@ -104,7 +104,7 @@ class Session:
         finally:
             await self._close()
 
-    def _hello(self, msg: pb.AgentMessage) -> pb.Welcome:
+    async def _hello(self, msg: pb.AgentMessage) -> pb.Welcome:
         if msg.WhichOneof("kind") != "hello":
             raise ProtocolError("the stream must open with a hello")
         hello = msg.hello
@@ -121,7 +121,12 @@ class Session:
         welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION)
         for i, d in enumerate(hello.datasets):
             ds = self.receiver.dataset(self.source, d.name, d.type)
+            # an older stream may have left a partial record, or complete records whose
+            # group commit it did not live to see: drop the one, make the others durable,
+            # so that the position we announce is exactly what the journal holds
             ds.journal.discard_open()
+            await asyncio.to_thread(ds.journal.sync)
+            ds.flushed()
             ds.connected = True
             ds.last_contact_at = time.time()
             ds.agent_lag = AgentLag(state="starting", agent_time=time.time())
