@@ -1,0 +1,79 @@
+"""The daemons as systemd runs them: READY=1, clean stops, one-line errors."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Daemon, agent_config, free_port, receiver_config
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / "notify.sock"))
+    s.settimeout(30)
+    return s
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_receiver_notifies_ready_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
+    sock = notify_socket(tmp_path)
+    conf = receiver_config(tmp_path / "r.toml", listen_port=free_port(), state=tmp_path / "s",
+                           mirror_root=tmp_path / "m")
+    d = Daemon(["receiver", "--config", str(conf)], tmp_path / "r.log",
+               env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).start()
+    try:
+        assert sock.recv(1024) == b"READY=1"
+        d.kill(sig)
+        assert d.proc is not None and d.proc.returncode == 0, d.log()
+        assert sock.recv(1024) == b"STOPPING=1"
+    finally:
+        d.kill()
+
+
+def test_agent_notifies_ready_even_without_a_receiver(tmp_path: Path) -> None:
+    sock = notify_socket(tmp_path)
+    (tmp_path / "src").mkdir()
+    conf = agent_config(tmp_path / "a.toml", receiver_port=free_port(), state=tmp_path / "s",
+                        source=tmp_path / "src")
+    d = Daemon(["agent", "--config", str(conf)], tmp_path / "a.log",
+               env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).start()
+    try:
+        assert sock.recv(1024) == b"READY=1"
+        assert d.stop() == 0, d.log()
+    finally:
+        d.kill()
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    sock = notify_socket(tmp_path)
+    conf = receiver_config(tmp_path / "r.toml", listen_port=free_port(), state=tmp_path / "s",
+                           mirror_root=tmp_path / "m")
+    d = Daemon(["receiver", "--config", str(conf)], tmp_path / "r.log",
+               env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).start()
+    try:
+        assert sock.recv(1024) == b"READY=1"
+        r = subprocess.run([sys.executable, "-m", "replicator", "receiver", "--config",
+                            str(conf)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert "in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        d.kill()
+
+
+@pytest.mark.parametrize("command", ["receiver", "agent"])
+def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path, command: str) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text('listen = 5\nsource_id = "a b"\n')
+    r = subprocess.run([sys.executable, "-m", "replicator", command, "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(conf) in lines[0]
+    assert ("listen" in lines[0]) if command == "receiver" else ("source_id" in lines[0])
