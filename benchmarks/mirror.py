@@ -90,9 +90,12 @@ class MirrorProcess:
 
     def log_tail(self, lines: int = 5) -> str:
         try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        # drop the frame lines of printed exception groups: nothing but | + - and spaces
+        kept = [ln.strip(" |") for ln in text.splitlines() if ln.strip(" |+-")]
+        return " | ".join(kept[-lines:])
 
     def check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
