@@ -53,7 +53,7 @@ from replicator.core.blocks import (
     file_digest,
     zero_hash,
 )
-from replicator.core.paths import quote_path
+from replicator.core.paths import encode_name, quote_path
 from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
 from replicator.receiver.journal import EntryKind, Journal, JournalCorrupt
@@ -307,7 +307,7 @@ class Applier:
             self._dirty_dirs.add(_parent(h.path))
         elif h.op is Op.SYMLINK:
             self.mirror.symlink(h.path, h.target, attrs)
-            self._replace_entry(ManifestEntry(h.path, "symlink", size=len(h.target),
+            self._replace_entry(ManifestEntry(h.path, "symlink", size=len(encode_name(h.target)),
                                               mode=attrs.mode, mtime_ns=attrs.mtime_ns,
                                               target=h.target))
             self._dirty_dirs.add(_parent(h.path))

@@ -11,6 +11,14 @@ connection: `get` sees them at once, and `commit(applied_lsn)` makes them durabl
 together with the applied LSN, so the manifest and the applied position can never
 disagree after a crash. `close` without a commit discards them, as a crash would.
 
+Paths and symlink targets are stored as BLOBs of the bytes the mirror holds
+(`core.paths.encode_name`, the receiver's one str <-> bytes mapping), because Linux names need
+not be UTF-8 and Python's sqlite3 refuses to store the lone surrogates that stand for such
+bytes as TEXT. So ordering is bytewise, and the tree of `p` is `p` plus the half-open range
+[p + b"/", p + b"0") ('0' is the byte after '/'): deletes and moves of whole trees are range
+operations on the primary key. A schema-1 manifest (TEXT, which could only hold UTF-8) is
+converted in place when opened: casting valid UTF-8 TEXT to BLOB gives exactly those bytes.
+
 Threads: the applier writes from a worker thread while GetManifest reads from the event
 loop, so the writer connection is not bound to a thread, and `entries()` reads through a
 connection of its own, which sees the last committed state (a WAL snapshot) and never
@@ -25,7 +33,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-SCHEMA_VERSION = 1
+from replicator.core.paths import decode_name, encode_name
+
+SCHEMA_VERSION = 2
+# The one older schema converted in place; anything else is refused.
+_SCHEMA_TEXT_PATHS = 1
 DEFAULT_EPOCH = 1
 # Rows fetched per round trip by entries(): big enough to amortise the call, small enough
 # that a manifest of millions of files streams in bounded memory.
@@ -34,23 +46,34 @@ FETCH_ROWS = 1000
 Kind = Literal["file", "dir", "symlink"]
 KINDS: tuple[str, ...] = ("file", "dir", "symlink")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY,
+_FILES = """
+CREATE TABLE IF NOT EXISTS {name} (
+    path BLOB PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('file', 'dir', 'symlink')),
     size INTEGER NOT NULL DEFAULT 0,
     mode INTEGER NOT NULL DEFAULT 0,
     mtime_ns INTEGER NOT NULL DEFAULT 0,
     digest BLOB,
     hashes BLOB,
-    target TEXT
+    target BLOB
 ) WITHOUT ROWID;
+"""
+_SCHEMA = _FILES.format(name="files") + """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 _COLUMNS = "path, kind, size, mode, mtime_ns, digest, hashes, target"
-# The rows of a path and everything below it. '0' is the character after '/', so the
-# range covers exactly "path/..." and uses the primary key index.
-_TREE = "(path = ?1 OR (path >= ?1 || '/' AND path < ?1 || '0'))"
+# The rows of a path and everything below it: ?1 the path's bytes, ?2 and ?3 the bounds
+# from _tree_args. The range uses the primary key index.
+_TREE = "(path = ?1 OR (path >= ?2 AND path < ?3))"
+# A schema-1 table converted: TEXT that Python's sqlite3 wrote is valid UTF-8, so the
+# cast gives exactly the bytes encode_name gives for the same str.
+_CONVERT_TEXT_PATHS = _FILES.format(name="files_v2") + f"""
+INSERT INTO files_v2 ({_COLUMNS})
+    SELECT CAST(path AS BLOB), kind, size, mode, mtime_ns, digest, hashes,
+           CAST(target AS BLOB) FROM files;
+DROP TABLE files;
+ALTER TABLE files_v2 RENAME TO files;
+"""
 
 
 class ManifestError(Exception):
@@ -74,14 +97,19 @@ class ManifestEntry:
     target: str | None = None
 
 
+def _tree_args(path: str) -> tuple[bytes, bytes, bytes]:
+    raw = encode_name(path)
+    return raw, raw + b"/", raw + b"0"
+
+
 def _entry(row: tuple[object, ...]) -> ManifestEntry:
     path, kind, size, mode, mtime_ns, digest, hashes, target = row
     return ManifestEntry(
-        path=str(path), kind=kind,  # type: ignore[arg-type]
+        path=decode_name(path), kind=kind,  # type: ignore[arg-type]
         size=int(size), mode=int(mode), mtime_ns=int(mtime_ns),  # type: ignore[call-overload]
         digest=bytes(digest) if digest is not None else None,  # type: ignore[call-overload]
         hashes=bytes(hashes) if hashes is not None else None,  # type: ignore[call-overload]
-        target=str(target) if target is not None else None,
+        target=decode_name(target) if target is not None else None,  # type: ignore[arg-type]
     )
 
 
@@ -96,7 +124,9 @@ class Manifest:
         self._db.executescript(_SCHEMA)
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         version = int(meta.get("schema", SCHEMA_VERSION))
-        if version != SCHEMA_VERSION:
+        if version == _SCHEMA_TEXT_PATHS:
+            self._convert_text_paths()
+        elif version != SCHEMA_VERSION:
             self._db.close()
             raise ManifestError(f"manifest {path} has schema {version}, "
                                 f"this version reads {SCHEMA_VERSION}")
@@ -105,6 +135,21 @@ class Manifest:
         self._applied_lsn = int(meta.get("applied_lsn", 0))
         self._epoch = int(meta.get("epoch", DEFAULT_EPOCH))
         self._in_tx = False
+
+    def _convert_text_paths(self) -> None:
+        """Schema 1 -> 2 in one transaction: a crash leaves schema 1, converted again."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _CONVERT_TEXT_PATHS.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                             (SCHEMA_VERSION,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._db.close()
+            raise
 
     # ---- positions ----
 
@@ -128,7 +173,7 @@ class Manifest:
     def get(self, path: str) -> ManifestEntry | None:
         """The entry for `path`, pending changes included; None if there is none."""
         row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE path = ?",
-                               (path,)).fetchone()
+                               (encode_name(path),)).fetchone()
         return _entry(row) if row is not None else None
 
     def entries(self) -> Iterator[ManifestEntry]:
@@ -167,8 +212,9 @@ class Manifest:
         self._begin()
         self._db.execute(
             f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.path, entry.kind, entry.size, entry.mode, entry.mtime_ns, entry.digest,
-             entry.hashes, entry.target))
+            (encode_name(entry.path), entry.kind, entry.size, entry.mode, entry.mtime_ns,
+             entry.digest, entry.hashes,
+             encode_name(entry.target) if entry.target is not None else None))
 
     def set_attrs(self, path: str, mode: int, mtime_ns: int) -> ManifestEntry | None:
         """Updates mode and mtime of an existing entry; returns it, or None if there is none."""
@@ -182,7 +228,7 @@ class Manifest:
     def delete_tree(self, path: str) -> int:
         """Removes `path` and every entry below it (pending); returns how many went."""
         self._begin()
-        return self._db.execute(f"DELETE FROM files WHERE {_TREE}", (path,)).rowcount
+        return self._db.execute(f"DELETE FROM files WHERE {_TREE}", _tree_args(path)).rowcount
 
     def move_tree(self, old: str, new: str) -> int:
         """Moves `old` and everything below it to `new`, replacing what was at `new`.
@@ -196,9 +242,12 @@ class Manifest:
         if new.startswith(old + "/") or old.startswith(new + "/"):
             raise ValueError(f"cannot move {old!r} to {new!r}: one is inside the other")
         self.delete_tree(new)
+        src = _tree_args(old)
+        # `||` yields TEXT; the cast gives back the bytes unchecked and keeps every path a
+        # BLOB (BLOBs and TEXT never compare equal, and sort apart)
         return self._db.execute(
-            f"UPDATE files SET path = ?2 || substr(path, ?3) WHERE {_TREE}",
-            (old, new, len(old) + 1)).rowcount
+            f"UPDATE files SET path = CAST(?4 || substr(path, ?5) AS BLOB) WHERE {_TREE}",
+            (*src, encode_name(new), len(src[0]) + 1)).rowcount
 
     # ---- durability ----
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from replicator.core.paths import encode_name
 from replicator.receiver.session import Session
 from replicator.wire import pb, rpc
 
@@ -37,5 +38,6 @@ class ReplicatorServicer(rpc.ReplicatorServicer):
                                 f"no dataset {request.source}/{request.dataset}")
             return
         for e in ds.manifest.entries():
-            yield pb.ManifestEntry(path=e.path, kind=e.kind, size=e.size, digest=e.digest or b"",
-                                   block_hashes=e.hashes or b"", target=e.target or "")
+            yield pb.ManifestEntry(path=encode_name(e.path), kind=e.kind, size=e.size,
+                                   digest=e.digest or b"", block_hashes=e.hashes or b"",
+                                   target=encode_name(e.target or ""))

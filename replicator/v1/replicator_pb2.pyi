@@ -137,9 +137,9 @@ class RecordHeader(_message.Message):
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     op: Op
-    path: str
-    new_path: str
-    target: str
+    path: bytes
+    new_path: bytes
+    target: bytes
     attrs: Attrs
     size: int
     base: Base
@@ -147,7 +147,7 @@ class RecordHeader(_message.Message):
     block_size: int
     first_seen: float
     raw_bytes: int
-    def __init__(self, op: _Optional[_Union[Op, str]] = ..., path: _Optional[str] = ..., new_path: _Optional[str] = ..., target: _Optional[str] = ..., attrs: _Optional[_Union[Attrs, _Mapping]] = ..., size: _Optional[int] = ..., base: _Optional[_Union[Base, str]] = ..., base_digest: _Optional[bytes] = ..., block_size: _Optional[int] = ..., first_seen: _Optional[float] = ..., raw_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, op: _Optional[_Union[Op, str]] = ..., path: _Optional[bytes] = ..., new_path: _Optional[bytes] = ..., target: _Optional[bytes] = ..., attrs: _Optional[_Union[Attrs, _Mapping]] = ..., size: _Optional[int] = ..., base: _Optional[_Union[Base, str]] = ..., base_digest: _Optional[bytes] = ..., block_size: _Optional[int] = ..., first_seen: _Optional[float] = ..., raw_bytes: _Optional[int] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("index", "codec", "raw_len", "data")
@@ -303,10 +303,10 @@ class ManifestEntry(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
-    path: str
+    path: bytes
     kind: str
     size: int
     digest: bytes
     block_hashes: bytes
-    target: str
-    def __init__(self, path: _Optional[str] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ..., block_hashes: _Optional[bytes] = ..., target: _Optional[str] = ...) -> None: ...
+    target: bytes
+    def __init__(self, path: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ..., block_hashes: _Optional[bytes] = ..., target: _Optional[bytes] = ...) -> None: ...

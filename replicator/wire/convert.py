@@ -3,10 +3,22 @@
 Everything that arrives from the wire is checked here before any other module sees it:
 enum values, lengths and sizes. Paths are checked by the receiver against its mirror
 (`replicator.core.paths`), since only it knows the root.
+
+Paths and symlink targets travel as bytes, because Linux names are bytes and protobuf
+`string` fields refuse what is not UTF-8. In the process they are str with surrogateescape.
+Sending encodes with `os.fsencode`, the inverse of the `os.fsdecode` the agent read the
+names with; receiving decodes with `core.paths.decode_name`, the inverse of the
+`encode_name` the receiver's mirror writes them with. So the mirror gets the primary's exact
+bytes even if one side's file-system encoding is not UTF-8 (it is by default on Linux, in
+the C locale too). Any bytes decode, so a name that is not UTF-8 can never make a frame
+unreadable; what is refused is decided by `split_relpath` alone.
 """
 
 from __future__ import annotations
 
+import os
+
+from replicator.core.paths import decode_name
 from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
 from replicator.errors import ProtocolError
 from replicator.wire import pb
@@ -49,6 +61,11 @@ def attrs_from_pb(m: pb.Attrs) -> Attrs:
 
 
 def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.Frame:
+    """`frame` as a pb.Frame of `dataset` (filled into `out` if given).
+
+    Raises UnicodeEncodeError for a path holding a lone surrogate that stands for no byte,
+    which no name read from the file system does.
+    """
     m = out if out is not None else pb.Frame()
     m.dataset = dataset
     m.lsn = frame.lsn
@@ -62,9 +79,9 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
     elif isinstance(body, Header):
         h = m.header
         h.op = int(body.op)  # type: ignore[assignment]
-        h.path = body.path
-        h.new_path = body.new_path
-        h.target = body.target
+        h.path = os.fsencode(body.path)
+        h.new_path = os.fsencode(body.new_path)
+        h.target = os.fsencode(body.target)
         if body.attrs is not None:
             attrs_to_pb(body.attrs, h.attrs)
         h.size = body.size
@@ -79,9 +96,11 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
     return m
 
 
-def _check_path(p: str, what: str) -> None:
-    if len(p.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        raise ProtocolError(f"{what} is longer than {MAX_PATH_BYTES} bytes")
+def _path_from_pb(raw: bytes, lsn: int, what: str) -> str:
+    # measured on the bytes, before anything is decoded or kept
+    if len(raw) > MAX_PATH_BYTES:
+        raise ProtocolError(f"LSN {lsn}: {what} of {len(raw)} bytes, over {MAX_PATH_BYTES}")
+    return decode_name(raw)
 
 
 def frame_from_pb(m: pb.Frame) -> Frame:
@@ -111,9 +130,9 @@ def frame_from_pb(m: pb.Frame) -> Frame:
             base = Base(h.base)
         except ValueError:
             raise ProtocolError(f"LSN {m.lsn}: unknown op {h.op} or base {h.base}") from None
-        _check_path(h.path, "path")
-        _check_path(h.new_path, "new_path")
-        _check_path(h.target, "symlink target")
+        path = _path_from_pb(h.path, m.lsn, "path")
+        new_path = _path_from_pb(h.new_path, m.lsn, "new_path")
+        target = _path_from_pb(h.target, m.lsn, "symlink target")
         if op is Op.FILE:
             bs = h.block_size
             if not 4096 <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
@@ -125,7 +144,7 @@ def frame_from_pb(m: pb.Frame) -> Frame:
         if op in (Op.FILE, Op.MKDIR, Op.SYMLINK, Op.SETATTR) and not h.HasField("attrs"):
             raise ProtocolError(f"LSN {m.lsn}: {op.name} without attributes")
         return Frame(m.lsn, Header(
-            op=op, path=h.path, new_path=h.new_path, target=h.target,
+            op=op, path=path, new_path=new_path, target=target,
             attrs=attrs_from_pb(h.attrs) if h.HasField("attrs") else None,
             size=h.size, base=base, base_digest=h.base_digest, block_size=h.block_size,
             first_seen=h.first_seen, raw_bytes=h.raw_bytes,

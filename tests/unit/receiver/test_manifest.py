@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from replicator.receiver.manifest import DEFAULT_EPOCH, Manifest, ManifestEntry, ManifestError
+from replicator.receiver.manifest import (
+    DEFAULT_EPOCH,
+    SCHEMA_VERSION,
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+)
 
 PATHS = ["a", "a/b", "a/b/c", "a-b", "a.b", "a0", "a/", "ab", "b", "b/a"]
+# What stands in for "a" in the tree tests: itself, a byte that is not UTF-8 (a name as
+# os.fsdecode gives it), and a two-byte UTF-8 letter followed by another such byte.
+SPELLINGS = ["a", "\udcff", "é\udc80"]
+
+
+def spell(paths: set[str] | list[str], a: str) -> set[str]:
+    return {p.replace("a", a) for p in paths}
 
 
 def file_entry(path: str, size: int = 3) -> ManifestEntry:
@@ -44,6 +59,9 @@ def test_new_manifest_starts_at_zero(db: Manifest) -> None:
     ManifestEntry("empty", "file", size=0, mode=0o100600, mtime_ns=0, digest=b"\0" * 16,
                   hashes=b""),
     ManifestEntry("naïve ☃/ü", "dir", mode=0o40700, mtime_ns=-5),
+    file_entry(os.fsdecode(b"\x80dir/\xff\xfe.bin")),
+    ManifestEntry(os.fsdecode(b"l\xfa"), "symlink", size=7, mode=0o120777, mtime_ns=1,
+                  target=os.fsdecode(b"../\xff\xfe")),
 ])
 def test_entry_round_trips_through_a_reopen(tmp_path: Path, entry: ManifestEntry) -> None:
     m = Manifest(tmp_path / "m.db")
@@ -63,6 +81,7 @@ def test_put_refuses_an_unknown_kind(db: Manifest) -> None:
         db.put(ManifestEntry("x", "fifo"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("a", SPELLINGS)
 @pytest.mark.parametrize("root, gone", [
     ("a", {"a", "a/b", "a/b/c", "a/"}),   # "a/" is below "a" by prefix; never a real path
     ("a/b", {"a/b", "a/b/c"}),
@@ -72,13 +91,15 @@ def test_put_refuses_an_unknown_kind(db: Manifest) -> None:
     ("a-b", {"a-b"}),                    # siblings that sort inside "a/".."a0" stay
 ])
 def test_delete_tree_takes_the_path_and_what_is_below(db: Manifest, root: str,
-                                                      gone: set[str]) -> None:
-    for p in PATHS:
+                                                      gone: set[str], a: str) -> None:
+    all_paths = spell(PATHS, a)
+    for p in all_paths:
         db.put(file_entry(p))
-    assert db.delete_tree(root) == len(gone)
-    assert {p for p in PATHS if db.get(p) is not None} == set(PATHS) - gone
+    assert db.delete_tree(root.replace("a", a)) == len(gone)
+    assert {p for p in all_paths if db.get(p) is not None} == all_paths - spell(gone, a)
 
 
+@pytest.mark.parametrize("a", SPELLINGS)
 @pytest.mark.parametrize("old, new, expect", [
     ("a", "x", {"x", "x/b", "x/b/c", "x/", "a-b", "a.b", "a0", "ab", "b", "b/a"}),
     ("a/b", "c", {"a", "c", "c/c", "a/", "a-b", "a.b", "a0", "ab", "b", "b/a"}),
@@ -87,13 +108,18 @@ def test_delete_tree_takes_the_path_and_what_is_below(db: Manifest, root: str,
     ("ab", "a0", {"a", "a/b", "a/b/c", "a/", "a-b", "a.b", "a0", "b", "b/a"}),
     ("a", "a", set(PATHS)),
 ])
-def test_move_tree(db: Manifest, old: str, new: str, expect: set[str]) -> None:
-    for p in PATHS:
+def test_move_tree(db: Manifest, old: str, new: str, expect: set[str], a: str) -> None:
+    old, new = old.replace("a", a), new.replace("a", a)
+    for p in spell(PATHS, a):
         db.put(file_entry(p, size=len(p)))
     db.move_tree(old, new)
     db.commit(1)
     entries = {e.path: e for e in db.entries()}
-    assert set(entries) == expect
+    assert set(entries) == spell(expect, a)
+    # moved rows stay BLOBs: a TEXT path would no longer be found by its bytes
+    assert {r[0] for r in db._db.execute("SELECT DISTINCT typeof(path) FROM files")} \
+        <= {"blob"}
+    assert all(db.get(p) == e for p, e in entries.items())
     # entries keep their data under the new name
     for path, e in entries.items():
         origin = old + path[len(new):] if path == new or path.startswith(new + "/") else path
@@ -104,6 +130,15 @@ def test_move_tree(db: Manifest, old: str, new: str, expect: set[str]) -> None:
 def test_move_tree_into_itself_is_refused(db: Manifest, old: str, new: str) -> None:
     with pytest.raises(ValueError):
         db.move_tree(old, new)
+
+
+def test_entries_are_in_byte_order(db: Manifest) -> None:
+    # str order would put "ü" (U+00FC) before the escaped bytes (U+DC80, U+DCFF)
+    names = [b"a", b"\x80", "ü".encode(), b"\xff", b"\xff/x"]
+    for raw in reversed(names):
+        db.put(file_entry(os.fsdecode(raw)))
+    db.commit(1)
+    assert [os.fsencode(p) for p in paths(db)] == names
 
 
 def test_set_attrs_updates_only_mode_and_mtime(db: Manifest) -> None:
@@ -184,3 +219,47 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     m.close()
     with pytest.raises(ManifestError, match="schema 99"):
         Manifest(tmp_path / "m.db")
+
+
+SCHEMA_1 = """
+CREATE TABLE files (
+    path TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'dir', 'symlink')),
+    size INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    digest BLOB,
+    hashes BLOB,
+    target TEXT
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema', 1), ('applied_lsn', 41), ('epoch', 3);
+"""
+
+
+def test_a_schema_1_manifest_is_converted_in_place(tmp_path: Path) -> None:
+    old = [file_entry("d/ü"), file_entry("d-x"),
+           ManifestEntry("d", "dir", mode=0o40755, mtime_ns=5),
+           ManifestEntry("d/l", "symlink", size=5, mode=0o120777, mtime_ns=6, target="../☃")]
+    db = sqlite3.connect(tmp_path / "m.db")
+    db.executescript(SCHEMA_1)
+    db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   [(e.path, e.kind, e.size, e.mode, e.mtime_ns, e.digest, e.hashes, e.target)
+                    for e in old])
+    db.commit()
+    db.close()
+    m = Manifest(tmp_path / "m.db")
+    try:
+        assert (m.applied_lsn, m.epoch) == (41, 3)
+        assert list(m.entries()) == sorted(old, key=lambda e: e.path.encode())
+        assert m.delete_tree("d") == 3  # the tree range works on the converted rows
+        m.commit(42)
+    finally:
+        m.close()
+    m = Manifest(tmp_path / "m.db")
+    try:
+        assert paths(m) == ["d-x"]
+        schema = m._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        assert schema == SCHEMA_VERSION
+    finally:
+        m.close()

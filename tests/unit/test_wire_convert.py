@@ -1,0 +1,191 @@
+"""Frames to protobuf and back: every field survives, names are bytes, and whatever is
+malformed on the wire is refused with ProtocolError before anything else sees it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
+from replicator.errors import ProtocolError
+from replicator.wire import pb
+from replicator.wire.convert import (
+    MAX_BLOCK_SIZE,
+    MAX_FILE_SIZE,
+    MAX_PATH_BYTES,
+    MAX_XATTR_VALUE,
+    MAX_XATTRS,
+    decode_frame,
+    encode_frame,
+    frame_from_pb,
+    frame_to_pb,
+)
+
+ODD = os.fsdecode(b"\x80dir/\xff\xfe.bin")    # not UTF-8: lone surrogates in the str
+ODD_TARGET = os.fsdecode(b"../\xc3\xbc\xfa")  # "ü" and a byte that is not UTF-8
+ATTRS = Attrs(mode=0o100644, mtime_ns=1_700_000_000_123_456_789)
+FULL_ATTRS = Attrs(mode=0o100600, mtime_ns=-1, uid=1000, gid=100,
+                   xattrs={"user.a": b"1", "user.empty": b""})
+DIGEST = bytes(range(16))
+
+
+def file_header(**kw: object) -> Header:
+    args: dict[str, object] = dict(op=Op.FILE, path="f", attrs=ATTRS, size=70_000,
+                                   block_size=65536, first_seen=1_700_000_000.25, raw_bytes=7)
+    args.update(kw)
+    return Header(**args)  # type: ignore[arg-type]
+
+
+FRAMES = [
+    Frame(1, file_header(path=ODD)),
+    Frame(2, file_header(attrs=FULL_ATTRS, base=Base.PREVIOUS, base_digest=DIGEST)),
+    Frame(3, file_header(attrs=Attrs(mode=0o100644, mtime_ns=0, xattrs={}))),  # clear all
+    Frame(4, Header(Op.MKDIR, "ünïcödé", attrs=Attrs(mode=0o040755, mtime_ns=5))),
+    Frame(5, Header(Op.SYMLINK, ODD + "l", target=ODD_TARGET,
+                    attrs=Attrs(mode=0o120777, mtime_ns=6))),
+    Frame(6, Header(Op.DELETE, "-rf")),
+    Frame(7, Header(Op.RENAME, ODD, new_path=os.fsdecode(b"..hidden\xfd"))),
+    Frame(8, Header(Op.SETATTR, "with space", attrs=ATTRS)),
+    Frame(9, Block(0, Codec.RAW, 5, b"hello")),
+    Frame(9, Block(1, Codec.LZ4, 65536, b"\x1f\x00\x01\x00")),
+    Frame(9, Block(2**40, Codec.ZERO, 4096, b"")),
+    Frame(9, End(DIGEST)),
+    Frame(10, End(aborted=True)),
+    Frame(11, End()),
+]
+
+
+@pytest.mark.parametrize("frame", FRAMES)
+def test_frame_round_trips(frame: Frame) -> None:
+    m = frame_to_pb(3, frame)
+    assert m.dataset == 3
+    assert frame_from_pb(m) == frame
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+@pytest.mark.parametrize("header", [f.body for f in FRAMES if isinstance(f.body, Header)])
+def test_names_travel_as_the_file_systems_bytes(header: Header) -> None:
+    h = frame_to_pb(0, Frame(1, header)).header
+    assert (h.path, h.new_path, h.target) == (
+        os.fsencode(header.path), os.fsencode(header.new_path), os.fsencode(header.target))
+
+
+def test_frame_to_pb_fills_the_message_given() -> None:
+    out = pb.Frame()
+    assert frame_to_pb(0, FRAMES[0], out) is out and out.header.path == b"\x80dir/\xff\xfe.bin"
+
+
+def test_a_lone_surrogate_that_stands_for_no_byte_cannot_be_sent() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        frame_to_pb(0, Frame(1, Header(Op.DELETE, "\ud800")))
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"\xc3", b"\xed\xa0\x80", b"a/\x00b",
+                                 b"\xf4\x90\x80\x80"])
+def test_any_bytes_from_the_wire_decode_and_encode_back(raw: bytes) -> None:
+    # invalid UTF-8, a truncated sequence, an encoded surrogate, NUL, beyond U+10FFFF: the
+    # receiver's path checks decide, not the decoder
+    m = pb.Frame(lsn=1, header=pb.RecordHeader(op=pb.OP_DELETE, path=raw))
+    h = frame_from_pb(m).body
+    assert isinstance(h, Header) and os.fsencode(h.path) == raw
+
+
+@pytest.mark.parametrize("raw, ok", [
+    ("é".encode() * (MAX_PATH_BYTES // 2), True),           # 2048 chars, 4096 bytes
+    ("é".encode() * (MAX_PATH_BYTES // 2) + b"x", False),   # 2049 chars, 4097 bytes
+    (b"\xff" * MAX_PATH_BYTES, True),
+    (b"\xff" * (MAX_PATH_BYTES + 1), False),
+])
+@pytest.mark.parametrize("field", ["path", "new_path", "target"])
+def test_path_length_is_counted_in_bytes(raw: bytes, ok: bool, field: str) -> None:
+    h = pb.RecordHeader(op=pb.OP_RENAME, path=b"p", new_path=b"q")
+    setattr(h, field, raw)
+    m = pb.Frame(lsn=1, header=h)
+    if ok:
+        assert os.fsencode(getattr(frame_from_pb(m).body, field)) == raw
+    else:
+        with pytest.raises(ProtocolError, match=f"{MAX_PATH_BYTES + 1} bytes"):
+            frame_from_pb(m)
+
+
+def _set(*steps: tuple[str, object]) -> Callable[[pb.Frame], None]:
+    """A mutation of a valid frame: (dotted field, value) pairs set in order."""
+    def apply(m: pb.Frame) -> None:
+        for dotted, value in steps:
+            *parents, name = dotted.split(".")
+            target: object = m
+            for p in parents:
+                target = getattr(target, p)
+            setattr(target, name, value)
+    return apply
+
+
+def _clear(field: str) -> Callable[[pb.Frame], None]:
+    return lambda m: m.header.ClearField(field)  # type: ignore[arg-type]
+
+
+def _xattrs(n: int, key: str = "user.k", size: int = 1) -> Callable[[pb.Frame], None]:
+    def apply(m: pb.Frame) -> None:
+        m.header.attrs.has_xattrs = True
+        for i in range(n):
+            m.header.attrs.xattrs[f"{key}{i}" if n > 1 else key] = b"v" * size
+    return apply
+
+
+VALID_FILE = Frame(1, file_header())
+VALID_BLOCK = Frame(1, Block(0, Codec.RAW, 4, b"data"))
+VALID_LZ4 = Frame(1, Block(0, Codec.LZ4, 65536, b"\x1f\x00\x01\x00"))
+
+
+@pytest.mark.parametrize("frame, mutate, message", [
+    (VALID_FILE, _set(("lsn", 0)), "LSN 0"),
+    (VALID_FILE, _set(("header.op", 99)), "unknown op 99"),
+    (VALID_FILE, _set(("header.op", 0)), "unknown op 0"),
+    (VALID_FILE, _set(("header.base", 7)), "base 7"),
+    (VALID_BLOCK, _set(("block.codec", 3)), "unknown codec 3"),
+    (VALID_BLOCK, _set(("block.raw_len", MAX_BLOCK_SIZE + 1)), f"{MAX_BLOCK_SIZE + 1} bytes"),
+    (VALID_BLOCK, _set(("block.raw_len", 0)), "block of 0 bytes"),
+    (VALID_BLOCK, _set(("block.raw_len", 5)), "raw block length 4 != 5"),
+    (VALID_BLOCK, _set(("block.data", b"")), "raw block length 0 != 4"),
+    (VALID_BLOCK, _set(("block.codec", pb.CODEC_ZERO)), "zero block carries data"),
+    (VALID_LZ4, _set(("block.data", b"x" * (MAX_BLOCK_SIZE + 4097))), "payload"),
+    (VALID_FILE, _set(("header.base", pb.BASE_PREVIOUS)), "patch without a valid base"),
+    (VALID_FILE, _set(("header.base", pb.BASE_PREVIOUS), ("header.base_digest", b"x" * 15)),
+     "patch without a valid base"),
+    (VALID_FILE, _set(("header.block_size", 65535)), "block size 65535"),
+    (VALID_FILE, _set(("header.block_size", 2048)), "block size 2048"),
+    (VALID_FILE, _set(("header.block_size", 2 * MAX_BLOCK_SIZE)), "block size"),
+    (VALID_FILE, _set(("header.size", MAX_FILE_SIZE + 1)), "file size"),
+    (VALID_FILE, _clear("attrs"), "FILE without attributes"),
+    (Frame(1, Header(Op.MKDIR, "d", attrs=ATTRS)), _clear("attrs"), "MKDIR without attr"),
+    (Frame(1, Header(Op.SYMLINK, "l", target="t", attrs=ATTRS)), _clear("attrs"),
+     "SYMLINK without attributes"),
+    (Frame(1, Header(Op.SETATTR, "s", attrs=ATTRS)), _clear("attrs"), "SETATTR without"),
+    (VALID_FILE, _xattrs(MAX_XATTRS + 1), "too many"),
+    (VALID_FILE, _xattrs(1, key=""), "extended attribute"),
+    (VALID_FILE, _xattrs(1, key="user.\0"), "extended attribute"),
+    (VALID_FILE, _xattrs(1, size=MAX_XATTR_VALUE + 1), "extended attribute"),
+    (Frame(1, End(DIGEST)), _set(("end.digest", b"x" * 5)), "digest of 5 bytes"),
+    (Frame(1, End()), lambda m: m.ClearField("end"), "without a body"),
+])
+def test_frame_from_pb_refuses_malformed_frames(frame: Frame, mutate: Callable[[pb.Frame], None],
+                                                message: str) -> None:
+    m = frame_to_pb(0, frame)
+    frame_from_pb(m)  # valid before the mutation: the mutation alone is refused
+    mutate(m)
+    with pytest.raises(ProtocolError, match=message):
+        frame_from_pb(m)
+
+
+@pytest.mark.parametrize("op", [Op.DELETE, Op.RENAME])
+def test_ops_without_attributes_need_none(op: Op) -> None:
+    frame = Frame(1, Header(op, "a", new_path="b" if op is Op.RENAME else ""))
+    assert frame_from_pb(frame_to_pb(0, frame)) == frame
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x0a\x05ab"])
+def test_decode_frame_refuses_undecodable_bytes(payload: bytes) -> None:
+    with pytest.raises(ProtocolError, match="undecodable"):
+        decode_frame(payload)
