@@ -77,7 +77,7 @@ Batch = dict[str, float]
 """Dirty relative path ('/'-separated, surrogateescape) -> time.time() of the first event of
 the pending change. May hold RESCAN."""
 
-DEFAULT_SETTLE = 0.02
+DEFAULT_SETTLE = 0.01  # seconds without events before a path is handed on
 DEFAULT_MAX_DELAY = 1.0
 DEFAULT_CHECK_INTERVAL = 1.0
 """How often the supervisor checks watchdog's threads and the root's identity."""
