@@ -167,7 +167,8 @@ class DirectorySource:
         if ack.error:
             self._log_error("receiver", f"receiver cannot apply: {ack.error}")
         now = time.time()
-        for path in ack.resync_paths:
+        for raw in ack.resync_paths:
+            path = os.fsdecode(raw)
             log.warning("receiver asks for a whole file dataset=%s path=%r", self.name, path)
             self.force_whole.add(path)
             self.dirty.setdefault(path, now)

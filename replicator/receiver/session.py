@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from replicator.core.blocks import block_count, block_length
-from replicator.core.paths import split_relpath
+from replicator.core.paths import encode_name, split_relpath
 from replicator.core.records import Base, Header, Op
 from replicator.errors import PathRefused, ProtocolError
 from replicator.lag import AgentLag
@@ -222,7 +222,8 @@ class Session:
             ack.datasets.append(pb.DatasetAck(
                 dataset=i, written_lsn=ds.written_lsn, flushed_lsn=ds.flushed_lsn,
                 applied_lsn=ds.applied_lsn, state="error" if ds.error else "",
-                error=ds.error or "", resync_paths=self._resync.pop(i, [])))
+                error=ds.error or "",
+                resync_paths=[encode_name(p) for p in self._resync.pop(i, [])]))
         self._dirty.clear()
         return ack
 

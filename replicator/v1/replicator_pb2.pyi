@@ -256,8 +256,8 @@ class DatasetAck(_message.Message):
     applied_lsn: int
     state: str
     error: str
-    resync_paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dataset: _Optional[int] = ..., written_lsn: _Optional[int] = ..., flushed_lsn: _Optional[int] = ..., applied_lsn: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., resync_paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    resync_paths: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, dataset: _Optional[int] = ..., written_lsn: _Optional[int] = ..., flushed_lsn: _Optional[int] = ..., applied_lsn: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., resync_paths: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

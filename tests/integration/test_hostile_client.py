@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from replicator.core.blocks import block_hash, file_digest
-from replicator.core.records import Attrs, Block, Codec, End, Frame, Header, Op
+from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
 from replicator.wire import PROTOCOL_VERSION, pb, rpc
 from replicator.wire.convert import frame_to_pb
 from tests.integration.harness import Daemon, free_port, get_json, receiver_config, wait_for
@@ -87,3 +87,33 @@ async def test_symlink_then_write_through_it_stays_inside(tmp_path: Path,
     assert list(outside.iterdir()) == []
     link = tmp_path / "mirror" / "evil" / "docs" / "evil"
     assert link.is_symlink()
+
+
+async def test_patch_on_a_wrong_base_asks_for_the_whole_file(tmp_path: Path,
+                                                              receiver: tuple[int, int]) -> None:
+    port, _ = receiver
+    name = "caf\udcff"  # not UTF-8: travels as the raw byte b"\xff"
+    data = b"version one"
+    frames = file_record(1, name, data)
+    frames.append(Frame(2, Header(Op.FILE, name, attrs=ATTRS, size=len(data), block_size=65536,
+                                  base=Base.PREVIOUS, base_digest=b"\x01" * 16)))
+    frames.append(Frame(2, End(digest=file_digest(len(data), block_hash(data)))))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = rpc.ReplicatorStub(channel).Stream()
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, source_id="app1")
+        hello.datasets.append(pb.DatasetHello(name="docs", type="directory", block_size=65536))
+        await call.write(pb.AgentMessage(hello=hello))
+        assert (await call.read()).WhichOneof("kind") == "welcome"
+        msg = pb.AgentMessage()
+        msg.batch.frames.extend(frame_to_pb(0, f) for f in frames)
+        await call.write(msg)
+        resync: list[bytes] = []
+        applied = 0
+        while applied < 2:
+            reply = await asyncio.wait_for(call.read(), 30)
+            for ack in reply.ack.datasets:
+                resync.extend(ack.resync_paths)
+                applied = ack.applied_lsn
+        await call.done_writing()
+    assert resync == [b"caf\xff"]
+    assert (tmp_path / "mirror" / "app1" / "docs" / "caf\udcff").read_bytes() == data
