@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     lock_state_dir(config.state_dir)
     credentials = server_credentials(config.tls)
     receiver = Receiver(config.state_dir, lambda s, d: config.mirror_root / s / d,
-                        sources=config.sources)
+                        sources=config.sources,
+                        require_client_identity=bool(config.tls and config.tls.client_ca))
 
     async def main() -> None:
         http = None

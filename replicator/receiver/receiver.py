@@ -43,8 +43,11 @@ DATASET_TYPES = ("directory",)
 
 class Receiver:
     def __init__(self, state_dir: Path, mirror_dir: Callable[[str, str], Path], *,
-                 sources: tuple[str, ...] | None = None) -> None:
+                 sources: tuple[str, ...] | None = None,
+                 require_client_identity: bool = False) -> None:
         self.state_dir = state_dir
+        # agents must present a certificate naming their source_id (tls.client_ca)
+        self.require_client_identity = require_client_identity
         self.mirror_dir = mirror_dir
         self.sources = sources
         self.datasets: dict[tuple[str, str], ReceiverDataset] = {}

@@ -1,19 +1,45 @@
-"""The gRPC servicer: thin, every call handed to the Receiver."""
+"""The gRPC servicer: thin, every call handed to the Receiver.
+
+When the receiver requires client certificates, the agent's identity is checked here,
+before a session starts: the certificate's CN or one of its DNS SANs must equal the
+source_id of the hello (CONTRACT.md, receiver [tls] client_ca).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 
 from replicator.core.paths import encode_name
-from replicator.receiver.session import Session
+from replicator.receiver.session import HELLO_TIMEOUT, Session
 from replicator.wire import pb, rpc
 
 if TYPE_CHECKING:
     from replicator.receiver.receiver import Receiver
+
+log = logging.getLogger(__name__)
+
+
+def peer_identities(context: grpc.aio.ServicerContext) -> set[str]:
+    """The names a client certificate vouches for: its CN and DNS SANs."""
+    auth = context.auth_context() or {}
+    names: set[str] = set()
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth.get(key, []):
+            names.add(value.decode("utf-8", "replace"))
+    return names
+
+
+async def _chain(first: pb.AgentMessage,
+                 rest: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.AgentMessage]:
+    yield first
+    async for msg in rest:
+        yield msg
 
 
 class ReplicatorServicer(rpc.ReplicatorServicer):
@@ -22,8 +48,25 @@ class ReplicatorServicer(rpc.ReplicatorServicer):
 
     async def Stream(self, request_iterator: AsyncIterator[pb.AgentMessage],  # noqa: N802
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
+        requests = request_iterator
+        if self.receiver.require_client_identity:
+            try:
+                first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+            except (StopAsyncIteration, TimeoutError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
+                return
+            source = first.hello.source_id
+            names = peer_identities(context)
+            if source not in names:
+                log.warning("stream refused: certificate does not match source source=%s "
+                            "peer=%s certificate=%s", source[:100], context.peer(),
+                            ",".join(sorted(names)) or "-")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"the client certificate is not for source {source[:100]!r}")
+                return
+            requests = _chain(first, request_iterator)
         session = Session(self.receiver, context.peer())
-        async for msg in session.run(request_iterator, context):
+        async for msg in session.run(requests, context):
             yield msg
 
     async def GetStatus(self, request: pb.StatusRequest,  # noqa: N802
