@@ -67,3 +67,38 @@ def test_dst_inside_src_is_a_usage_error(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "contain" in r.stderr
+
+
+def test_owner_xattrs_and_holes_are_replicated(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    owned = src / "owned"
+    owned.write_text("x")
+    sparse = src / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"data in the middle")
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.chown(owned, 1234, 5678)
+    try:
+        os.setxattr(owned, "user.colour", b"blue")
+        xattrs = True
+    except OSError:
+        xattrs = False
+    mirror, _ = start_mirror(tmp_path, src, dst)
+    try:
+        wait_converged(src, dst)
+        st = os.stat(dst / "owned")
+        if as_root:
+            assert (st.st_uid, st.st_gid) == (1234, 5678)
+        if xattrs:
+            assert os.getxattr(dst / "owned", "user.colour") == b"blue"
+            os.setxattr(owned, "user.colour", b"green")
+            wait_for(lambda: os.getxattr(dst / "owned", "user.colour") == b"green", 30,
+                     message="the xattr change")
+        # a 64 MiB file with 18 bytes of data stays sparse on the mirror
+        assert os.stat(dst / "sparse").st_blocks * 512 < 1 << 20
+    finally:
+        assert mirror.stop() == 0, mirror.log()
