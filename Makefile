@@ -21,6 +21,7 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy replicator
 	$(BIN)/python -m pytest
 
 proto: $(BIN)/.installed
