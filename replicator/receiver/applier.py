@@ -8,6 +8,11 @@ Replay must end exactly where an uninterrupted apply would; that holds because:
 
 - File content never changes in place. A new file (Base.EMPTY) is built in a staged file
   from the journal's blocks and renamed into place: replaying it rebuilds the same bytes.
+- A big new file arrives already staged by the session (STAGED entries name it and carry
+  its block hashes; its data was durable before the record was). Its digest is checked from
+  the hashes, its attributes set, and it is hard-linked as `keep/<lsn>` before it is
+  installed, as a patch is: after the rename only the keep link can replay it. An incoming
+  file no flushed record still needs (applied, or never completed) is deleted by `recover`.
 - A patch (Base.PREVIOUS) starts from a copy of the mirror's file, which replay cannot
   trust (a later record of the group may have replaced it). So the patched file is
   hard-linked as `keep/<lsn>` before it is installed, and the link is removed only once a
@@ -56,7 +61,7 @@ from replicator.core.blocks import (
 from replicator.core.paths import encode_name, quote_path
 from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
-from replicator.receiver.journal import EntryKind, Journal, JournalCorrupt
+from replicator.receiver.journal import EntryKind, Journal, JournalCorrupt, decode_staged
 from replicator.receiver.manifest import Manifest, ManifestEntry
 from replicator.receiver.mirror import STAGED_PREFIX, Mirror
 from replicator.wire.convert import decode_frame
@@ -103,6 +108,41 @@ class _RecordReader:
         self._next_lsn = first_lsn
         self.lsn = 0
         self._end: End | None = None
+        self._pushed: object | None = None
+        # the current record's staged file (base name) and block hashes, if it has one
+        self.staged_name = b""
+        self._staged_hashes = bytearray()
+
+    def _next(self) -> object | None:
+        if self._pushed is not None:
+            entry, self._pushed = self._pushed, None
+            return entry
+        return next(self._entries, None)
+
+    def staged(self) -> tuple[bytes, bytes] | None:
+        """(name, hashes) of the current record's staged file, or None if its blocks are
+        journaled; call right after `header()`."""
+        while True:
+            entry = self._next()
+            if entry is None:
+                break
+            if entry.kind != EntryKind.STAGED or entry.lsn != self.lsn:  # type: ignore[attr-defined]
+                self._pushed = entry
+                break
+            self._add_staged(entry.payload)  # type: ignore[attr-defined]
+        if not self.staged_name:
+            return None
+        return self.staged_name, bytes(self._staged_hashes)
+
+    def _add_staged(self, payload: bytes) -> None:
+        try:
+            name, hashes = decode_staged(payload)
+        except ValueError as e:
+            raise ProtocolError(f"journal: LSN {self.lsn}: {e}") from None
+        if self.staged_name and name != self.staged_name:
+            raise ProtocolError(f"journal: LSN {self.lsn} names two staged files")
+        self.staged_name = name
+        self._staged_hashes += hashes
 
     def close(self) -> None:
         close = getattr(self._entries, "close", None)
@@ -111,10 +151,12 @@ class _RecordReader:
 
     def header(self) -> Header | None:
         """The next record's header, or None at the end of the range."""
-        entry = next(self._entries, None)
+        entry = self._next()
         if entry is None:
             return None
         lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
+        self.staged_name = b""
+        self._staged_hashes = bytearray()
         if lsn != self._next_lsn or kind != EntryKind.HEADER:
             raise ProtocolError(f"journal: expected the header of LSN {self._next_lsn}, "
                                 f"found entry kind {int(kind)} of LSN {lsn}")
@@ -128,8 +170,11 @@ class _RecordReader:
 
     def blocks(self) -> Iterator[Block]:
         """The current record's blocks, up to its End (which `end()` then returns)."""
-        for entry in self._entries:
+        while (entry := self._next()) is not None:
             lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
+            if lsn == self.lsn and kind == EntryKind.STAGED:
+                self._add_staged(entry.payload)  # type: ignore[attr-defined]
+                continue
             if lsn != self.lsn or kind not in (EntryKind.BLOCK, EntryKind.END):
                 raise ProtocolError(f"journal: LSN {self.lsn} is followed by entry kind "
                                     f"{int(kind)} of LSN {lsn} before its end")
@@ -256,6 +301,7 @@ class Applier:
         except ApplyError:
             return
         self._clean_keeps()
+        self._clean_incoming()
         if target > start:
             log.info("replayed %s from_lsn=%d to_lsn=%d", self._log_ids, start + 1,
                      self.applied_lsn)
@@ -361,6 +407,9 @@ class Applier:
             raise ProtocolError("FILE without attributes")
         if lsn in self._replay_keeps:
             return self._reinstall(reader, h)
+        staged_file = reader.staged()
+        if staged_file is not None:
+            return self._apply_staged(reader, h, *staged_file)
         old: ManifestEntry | None = None
         if h.base is Base.PREVIOUS:
             old = self.manifest.get(h.path)
@@ -407,6 +456,43 @@ class Applier:
             self.mirror.discard_staged(staged)
             raise
         self._put_file(h, self._last_hashes, end.digest)
+        return True
+
+    def _apply_staged(self, reader: _RecordReader, h: Header, name: bytes,
+                      hashes: bytes) -> bool:
+        """A new file the session staged: check, set attributes, keep-link, install."""
+        lsn = reader.lsn
+        assert h.attrs is not None
+        end = reader.end()
+        staged = self.mirror.incoming_path(name)
+        if h.base is not Base.EMPTY or \
+                len(hashes) != block_count(h.size, h.block_size) * HASH_SIZE:
+            raise ProtocolError("staged file entries do not fit the header")
+        if end.aborted:
+            self.mirror.discard_staged(staged)
+            return False
+        try:
+            fd = self.mirror.open_incoming(name)
+        except FileNotFoundError:
+            self.manifest.delete_tree(h.path)
+            self._resync(ERR_MISSING, h.path, "staged file is missing")
+            return False
+        try:
+            try:
+                if os.fstat(fd).st_size != h.size or not end.digest or \
+                        file_digest(h.size, hashes) != end.digest:
+                    raise _Resync(ERR_DIGEST, h.path, "digest does not match after applying")
+                self.mirror.set_attrs_fd(fd, h.attrs)
+            finally:
+                os.close(fd)
+            self._keep(staged, lsn)
+            self.mirror.install(staged, h.path)
+        except _Resync as r:
+            self.mirror.discard_staged(staged)
+            self.manifest.delete_tree(h.path)
+            self._resync(r.kind, r.path, str(r))
+            return False
+        self._put_file(h, hashes, end.digest)
         return True
 
     def _base_problem(self, h: Header, old: ManifestEntry | None) -> str:
@@ -476,6 +562,8 @@ class Applier:
         self._new_keeps.append(lsn)  # removed at the next commit, whatever happens here
         hashes = self._hash_file(keep, h.size, h.block_size)
         if end.aborted or hashes is None or file_digest(h.size, hashes) != end.digest:
+            if reader.staged_name:
+                self.mirror.discard_staged(self.mirror.incoming_path(reader.staged_name))
             # Not what the record produced (a power cut can lose unsynced data behind an
             # existing link): the path's state is unknown, have it sent whole.
             self.manifest.delete_tree(h.path)
@@ -493,6 +581,9 @@ class Applier:
             finally:
                 # rename(2) between two links of one inode does nothing: never leave it
                 self.mirror.discard_staged(staged)
+        if reader.staged_name:
+            # a crash between the keep link and the install left the staged name too
+            self.mirror.discard_staged(self.mirror.incoming_path(reader.staged_name))
         self._put_file(h, hashes, end.digest)
         return True
 
@@ -627,6 +718,16 @@ class Applier:
         for name in os.listdir(self.mirror.staging_dir):
             if name.startswith(STAGED_PREFIX):
                 self.mirror.discard_staged(os.path.join(self.mirror.staging_dir, name))
+
+
+    def _clean_incoming(self) -> None:
+        """Removes incoming files no record will use: those of applied records (installed
+        or dropped) and those beyond the last flushed record (never completed). Between
+        the two are records not yet applied (a dataset in error): their files stay."""
+        flushed = self.journal.flushed_lsn
+        for lsn, staged in self.mirror.incoming_files():
+            if lsn <= self.applied_lsn or lsn > flushed:
+                self.mirror.discard_staged(staged)
 
 
 class _Discard(Exception):

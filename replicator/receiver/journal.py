@@ -1,10 +1,13 @@
 """The receiver's journal: an append-only, segmented, checksummed log of one dataset's frames.
 
 A record (one LSN) is a HEADER entry, BLOCK entries and an END entry; the journal stores each
-frame as an opaque payload tagged with its LSN and kind. Records never interleave and their
-LSNs increase by exactly one. A record counts once its END is appended (`written_lsn`) and
-once that END is durable (`flushed_lsn`): `sync()` makes everything appended so far durable
-with one fdatasync, which is the group commit the session acknowledges after.
+frame as an opaque payload tagged with its LSN and kind. A big new file's blocks are not
+journaled: the session writes them into a staged file and journals STAGED entries (the
+staged file's name and block hashes, see the session) between the HEADER and the END.
+Records never interleave and their LSNs increase by exactly one. A record counts once its
+END is appended (`written_lsn`) and once that END is durable (`flushed_lsn`): `sync()` makes
+everything appended so far durable with one fdatasync, which is the group commit the
+session acknowledges after.
 
 On disk, `<first lsn, 20 digits>.seg` files, each opening with a file header (magic, format
 version) followed by entries: a fixed header (magic, kind, lsn, payload length, crc32 of
@@ -69,6 +72,7 @@ class EntryKind(enum.IntEnum):
     HEADER = 1
     BLOCK = 2
     END = 3
+    STAGED = 4  # a staged file's name and block hashes, in place of BLOCKs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,27 @@ class Entry:
     lsn: int
     kind: EntryKind
     payload: bytes
+
+
+_STAGED_NAME = struct.Struct("<H")
+# Hashes per STAGED entry: a file of any size fits, in as many entries as it takes.
+STAGED_HASHES_PER_ENTRY = 1 << 16
+
+
+def encode_staged(name: bytes, hashes: bytes | bytearray | memoryview) -> bytes:
+    """A STAGED entry's payload: the staged file's base name and a run of block hashes."""
+    return _STAGED_NAME.pack(len(name)) + name + bytes(hashes)
+
+
+def decode_staged(payload: bytes) -> tuple[bytes, bytes]:
+    """(name, hashes) of a STAGED payload; ValueError if it is malformed."""
+    if len(payload) < _STAGED_NAME.size:
+        raise ValueError("short staged entry")
+    (n,) = _STAGED_NAME.unpack_from(payload)
+    end = _STAGED_NAME.size + n
+    if not n or len(payload) < end:
+        raise ValueError("staged entry with a bad name length")
+    return payload[_STAGED_NAME.size:end], payload[end:]
 
 
 class JournalCorrupt(ReplicatorError):

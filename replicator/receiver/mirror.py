@@ -49,6 +49,10 @@ DIR_MODE = 0o755            # directories created for missing parents
 STAGING_DIR_MODE = 0o700    # staged files may hold data not yet meant to be visible
 STAGED_FILE_MODE = 0o600
 STAGED_PREFIX = ".staged-"
+# Staged by the session as a big new file arrives: `.incoming-<lsn>-<random>`. Another prefix
+# than the applier's, because the applier's own leftovers are always garbage at start-up,
+# while an incoming file may be needed by a journaled record not yet applied.
+INCOMING_PREFIX = ".incoming-"
 COPY_CHUNK = 1 << 20        # read/write fallback when copy_file_range is unavailable
 MAX_XATTR_VALUE = 65536     # XATTR_SIZE_MAX on Linux
 MAX_ID = 2**32 - 2          # (uid_t)-1 means "leave unchanged" to chown: not a real id
@@ -220,6 +224,47 @@ class Mirror:
             return fd, staged
         finally:
             os.close(src)
+
+    def new_incoming(self, lsn: int) -> tuple[int, str]:
+        """A new empty file in the staging dir for record `lsn`, open O_RDWR: (fd, path).
+
+        Thread-safe against the other staging-dir calls (it only creates a fresh name), so
+        the session may call it while the applier works.
+        """
+        while True:
+            name = b"%s%d-%s" % (INCOMING_PREFIX.encode(), lsn, secrets.token_hex(8).encode())
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, STAGED_FILE_MODE, dir_fd=self._staging_fd)
+            except FileExistsError:
+                continue
+            return fd, os.fsdecode(self._staging_prefix + b"/" + name)
+
+    def incoming_path(self, name: bytes) -> str:
+        """The staged path of an incoming file's base name (as journaled); ValueError if
+        `name` is not one new_incoming could have made."""
+        if _incoming_lsn(name) is None:
+            raise ValueError(f"not an incoming file name: {name!r}")
+        return os.fsdecode(self._staging_prefix + b"/" + name)
+
+    def open_incoming(self, name: bytes) -> int:
+        """An O_RDWR fd of the incoming file `name`; FileNotFoundError if it is gone."""
+        self.incoming_path(name)
+        return os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
+
+    def incoming_files(self) -> list[tuple[int, str]]:
+        """Every incoming file in the staging dir as (its record's LSN, staged path)."""
+        out = []
+        for raw in os.listdir(self._staging_fd):
+            name = os.fsencode(raw)
+            lsn = _incoming_lsn(name)
+            if lsn is not None:
+                out.append((lsn, os.fsdecode(self._staging_prefix + b"/" + name)))
+        return out
+
+    def sync_staging(self) -> None:
+        """Make the staging dir's names durable (fsync of the directory)."""
+        os.fsync(self._staging_fd)
 
     def discard_staged(self, staged: str) -> None:
         """Remove a staged file (a path new_staged or stage_copy returned). Missing is fine."""
@@ -457,6 +502,16 @@ class Mirror:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _incoming_lsn(name: bytes) -> int | None:
+    prefix = INCOMING_PREFIX.encode()
+    if not name.startswith(prefix) or b"/" in name:
+        return None
+    lsn, dash, token = name[len(prefix):].partition(b"-")
+    if not dash or not lsn.isdigit() or not token.isalnum():
+        return None
+    return int(lsn)
 
 
 def _split(path: str) -> tuple[bytes, ...]:

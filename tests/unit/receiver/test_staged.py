@@ -1,0 +1,298 @@
+"""Big new files staged by the session: the whole path, session -> journal -> applier.
+
+A real Session (with a stand-in for the Receiver) takes pb batches into a real
+ReceiverDataset in tmp_path, exactly as a stream would, and the dataset's applier applies
+them. Crashes are simulated by dropping the objects without their orderly ending (no
+session close, no commit) and opening the dataset again, which runs the applier's recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.core.records import End, Frame, Record
+from replicator.errors import ProtocolError
+from replicator.receiver import session as session_mod
+from replicator.receiver.applier import ApplyError
+from replicator.receiver.dataset import ReceiverDataset
+from replicator.receiver.journal import EntryKind
+from replicator.receiver.mirror import INCOMING_PREFIX
+from replicator.receiver.session import Session
+from replicator.wire import pb
+from replicator.wire.convert import frame_to_pb
+from tests.unit.receiver.test_applier import BS, data, delete, new_file
+
+STAGE_MIN = 64 << 10   # small for the tests; records from here on are staged
+BIG = 300_000          # not a multiple of BS: the last block is short
+
+
+class FakeReceiver:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    def detach(self, session: Session) -> bool:
+        return True
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ds = self._open()
+        self.session = self._session()
+
+    def _open(self) -> ReceiverDataset:
+        ds = ReceiverDataset("src", "ds", "directory", self.root / "mirror", self.root / "state")
+        ds.open()
+        return ds
+
+    def _session(self) -> Session:
+        s = Session(FakeReceiver(), "test")  # type: ignore[arg-type]
+        s.source = "src"
+        s.datasets = [self.ds]
+        s._open = [None]
+        return s
+
+    def send(self, *frames: Frame) -> None:
+        """One batch through the session's frame work and group commit."""
+        batch = pb.Batch()
+        for f in frames:
+            frame_to_pb(0, f, batch.frames.add())
+        touched, error = self.session._ingest(batch)
+        if error is not None:
+            raise error
+
+    def send_records(self, *records: Record) -> None:
+        self.send(*(f for r in records for f in r.frames()))
+
+    def apply(self) -> None:
+        while self.ds.applied_lsn < self.ds.flushed_lsn:
+            self.ds.applier.apply_upto(self.ds.flushed_lsn)
+
+    def crash(self) -> None:
+        """As after kill -9: nothing finishes; the files stay as they are on disk."""
+        for o in self.session._open:
+            if o is not None and o.fd >= 0:
+                os.close(o.fd)
+        self.ds.journal._close_fd()
+        self.ds.journal._opened = False
+        self.ds.manifest.close()  # discards what was not committed, as a crash would
+        self.ds.mirror.close()
+        self.ds = self._open()
+        self.session = self._session()
+
+    def close(self) -> None:
+        self.ds.journal.close()
+        self.ds.mirror.close()
+        self.ds.manifest.close()
+
+    def incoming(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.root / "state" / "staging")
+                      if n.startswith(INCOMING_PREFIX))
+
+    def keeps(self) -> list[str]:
+        return sorted(os.listdir(self.root / "state" / "keep"))
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / "mirror" / rel).read_bytes()
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    monkeypatch.setattr(session_mod, "STAGE_MIN_SIZE", STAGE_MIN)
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def journal_kinds(e: Env, lsn: int) -> list[EntryKind]:
+    return [x.kind for x in e.ds.journal.entries(lsn, lsn)]
+
+
+def sparse(n: int) -> bytes:
+    """Data with a run of zero blocks in the middle and a zero tail: holes."""
+    b = bytearray(data(n, seed=7))
+    b[BS * 10:BS * 30] = bytes(BS * 20)
+    b[n - BS * 3:] = bytes(BS * 3)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(("size", "staged"), [
+    (STAGE_MIN - 1, False),
+    (STAGE_MIN, True),
+    (BIG, True),
+])
+def test_only_big_new_files_are_staged(env: Env, size: int, staged: bool) -> None:
+    content = data(size)
+    env.send_records(new_file(1, "d/f", content))
+    kinds = journal_kinds(env, 1)
+    assert (EntryKind.STAGED in kinds) is staged
+    assert (EntryKind.BLOCK not in kinds) is staged
+    assert len(env.incoming()) == (1 if staged else 0)
+    env.apply()
+    assert env.read("d/f") == content
+    assert env.incoming() == [] and env.keeps() == []
+    entry = env.ds.manifest.get("d/f")
+    assert entry is not None and entry.size == size
+
+
+def test_staged_file_keeps_holes_and_attributes(env: Env) -> None:
+    content = sparse(BIG)
+    rec = new_file(1, "f", content)
+    env.send_records(rec)
+    env.apply()
+    p = env.root / "mirror" / "f"
+    assert p.read_bytes() == content
+    st = p.stat()
+    assert st.st_mtime_ns == rec.header.attrs.mtime_ns  # type: ignore[union-attr]
+    assert st.st_mode & 0o777 == 0o644
+    # the zero blocks were never written: fewer 512-byte sectors than the size needs
+    assert st.st_blocks * 512 <= BIG - 20 * BS
+
+
+def test_blocks_spread_over_many_batches(env: Env) -> None:
+    content = data(BIG, seed=3)
+    frames = new_file(1, "f", content).frames()
+    for i in range(0, len(frames), 7):
+        env.send(*frames[i:i + 7])
+    env.apply()
+    assert env.read("f") == content
+
+
+def test_aborted_staged_record_leaves_nothing(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    env.send_records(Record(1, r.header, r.blocks, End(r.end.digest, aborted=True)))
+    assert env.incoming() == []
+    env.apply()
+    assert env.ds.applied_lsn == 1
+    assert not (env.root / "mirror" / "f").exists()
+
+
+def test_wrong_digest_asks_for_a_resync(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    env.send_records(Record(1, r.header, r.blocks, End(b"\1" * 16)))
+    env.apply()
+    assert env.ds.applier.resync_paths == ["f"]
+    assert not (env.root / "mirror" / "f").exists()
+    assert env.incoming() == [] and env.keeps() == []
+
+
+def test_corrupt_block_ends_the_stream_and_its_file(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    bad = Frame(1, type(r.blocks[1])(r.blocks[1].index, r.blocks[1].codec,
+                                    r.blocks[1].raw_len + 1, r.blocks[1].data))
+    env.send(Frame(1, r.header), Frame(1, r.blocks[0]))
+    assert len(env.incoming()) == 1
+    with pytest.raises(ProtocolError):
+        env.send(bad)
+    asyncio.run(env.session._close())
+    assert env.incoming() == []
+    assert env.ds.written_lsn == 0
+
+
+def test_stream_broken_mid_record_deletes_the_staged_file(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:5]))
+    assert len(env.incoming()) == 1
+    asyncio.run(env.session._close())  # what the servicer does when the stream breaks
+    assert env.incoming() == []
+    # the next stream sends the record again, whole
+    env.session = env._session()
+    env.send_records(r)
+    env.apply()
+    assert env.read("f") == data(BIG)
+
+
+def test_crash_before_apply_replays_from_the_staged_file(env: Env) -> None:
+    content = data(BIG, seed=5)
+    env.send_records(new_file(1, "f", content))
+    env.crash()  # flushed, acknowledged, not applied
+    assert env.ds.applied_lsn == 1
+    assert env.read("f") == content
+    assert env.incoming() == [] and env.keeps() == []
+
+
+@pytest.mark.parametrize("then_delete", [False, True])
+def test_crash_after_install_before_commit(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                           then_delete: bool) -> None:
+    content = data(BIG, seed=6)
+    records = [new_file(1, "f", content)]
+    if then_delete:
+        records.append(delete(2, "f"))
+    env.send_records(*records)
+
+    def crash() -> None:
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(env.ds.mirror, "sync", crash)
+    with pytest.raises(ApplyError):
+        env.apply()
+    assert env.keeps() == ["1"]           # installed, but only the keep link can replay it
+    assert env.incoming() == []
+    monkeypatch.undo()
+    monkeypatch.setattr(session_mod, "STAGE_MIN_SIZE", STAGE_MIN)
+    env.crash()
+    assert env.ds.applied_lsn == len(records)
+    assert env.ds.error is None and env.ds.applier.error is None
+    assert (env.root / "mirror" / "f").exists() is not then_delete
+    if not then_delete:
+        assert env.read("f") == content
+    assert env.keeps() == [] and env.incoming() == []
+
+
+def test_crash_between_keep_link_and_install(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    content = data(BIG, seed=8)
+    env.send_records(new_file(1, "f", content))
+
+    def crash(staged: str, path: str) -> None:
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(env.ds.mirror, "install", crash)
+    with pytest.raises(ApplyError):
+        env.apply()
+    assert env.keeps() == ["1"] and len(env.incoming()) == 1
+    monkeypatch.undo()
+    env.crash()
+    assert env.read("f") == content
+    assert env.keeps() == [] and env.incoming() == []
+
+
+def test_crash_mid_record_orphan_is_removed_at_open(env: Env) -> None:
+    content = data(BIG, seed=9)
+    env.send_records(new_file(1, "a", content))
+    r = new_file(2, "b", data(BIG, seed=10))
+    env.send(Frame(2, r.header), *(Frame(2, b) for b in r.blocks[:3]))
+    assert len(env.incoming()) == 2
+    env.crash()  # record 2 never completed: its file is an orphan; record 1's is needed
+    assert env.ds.applied_lsn == 1 and env.ds.flushed_lsn == 1
+    assert env.read("a") == content
+    assert env.incoming() == []
+
+
+def test_flushed_record_in_an_errored_dataset_keeps_its_file(env: Env) -> None:
+    env.send_records(new_file(1, "x/f", data(BIG)))
+    # a record that cannot be applied (through a symlink) stops the dataset at record 2 ...
+    (env.root / "mirror" / "x").mkdir()
+    (env.root / "mirror" / "x" / "g").symlink_to("/")
+    env.send_records(new_file(2, "x/g/h", data(BIG, seed=2)), new_file(3, "y", data(BIG)))
+    env.crash()
+    # ... whose file stays on disk for when the dataset is repaired
+    assert env.ds.applier.error is not None
+    assert env.ds.applied_lsn == 1
+    assert len(env.incoming()) == 2
+    assert env.read("x/f") == data(BIG)
+
+
+def test_journal_reset_orphans_are_removed_at_open(env: Env) -> None:
+    env.send_records(new_file(1, "f", data(BIG)))
+    assert len(env.incoming()) == 1
+    env.ds.journal.reset(0)
+    env.crash()
+    assert env.incoming() == []
+    assert not (env.root / "mirror" / "f").exists()
