@@ -80,6 +80,34 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+_SYNC_FILE_RANGE_WRITE = 2  # start write-back of dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    except OSError:
+        return None
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing `fd`'s dirty pages to disk without waiting (sync_file_range WRITE).
+
+    Only a head start for a later fdatasync, which is still what makes data durable: a
+    staged file written at network speed then leaves little for that fdatasync to do,
+    and the kernel never throttles the writer for a gigabyte of dirty pages. Errors are
+    ignored here; fdatasync reports them.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class Mirror:
