@@ -14,6 +14,11 @@ symlinks verbatim: a replicated `a -> /etc` must never turn a later `a/passwd` i
 - New content is staged in `staging_dir` (on the same file system) and renamed into place,
   so a reader sees the old file or the new one, never a mix. Symlinks are made there too,
   then renamed: a crash never leaves a temporary name inside the mirror.
+- Resolving every component for every file is most of the cost of a small file, so the
+  fds of recently used parent directories are cached by their relative path. A cached fd
+  is only ever a directory reached by the walk above, and the cache is emptied by every
+  operation that can remove, replace or move a directory (delete, rename, and an install
+  or symlink that replaced a directory), so a path never resolves to a stale directory.
 - Names go to the kernel as bytes (UTF-8 with surrogateescape, as on the wire), so the name
   on disk is exactly the one the primary has, whatever the locale.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import secrets
 import stat
@@ -80,6 +86,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+DIR_CACHE_SIZE = 64         # parent directory fds kept open per mirror
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of dirty pages, do not wait
 
 
@@ -127,6 +134,11 @@ class Mirror:
         self._root_fd = -1
         self._staging_fd = -1
         self._is_root = os.geteuid() == 0
+        # relative parent path -> its O_DIRECTORY fd, least recently used first
+        self._dirs: dict[tuple[bytes, ...], int] = {}
+        # staged names: random per instance, then a counter (O_EXCL still decides)
+        self._stage_tag = secrets.token_hex(4).encode()
+        self._stage_seq = itertools.count()
         try:
             # The root itself comes from configuration, not the wire: it may be a symlink.
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -144,6 +156,7 @@ class Mirror:
 
     def close(self) -> None:
         """Close the root and staging fds. Safe to call twice."""
+        self._forget_dirs()
         for fd in (self._root_fd, self._staging_fd):
             if fd >= 0:
                 os.close(fd)
@@ -310,8 +323,15 @@ class Mirror:
         parts = _split(path)
         dfd = self._open_parent(parts, path, create=True)
         try:
-            _remove_dir_at(dfd, parts[-1])
-            os.rename(src, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+            try:
+                os.rename(src, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+            except IsADirectoryError:
+                # rare: look before leaping would cost every install an lstat
+                try:
+                    _remove_dir_at(dfd, parts[-1])
+                finally:
+                    self._forget_dirs()
+                os.rename(src, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
         finally:
             os.close(dfd)
 
@@ -352,9 +372,11 @@ class Mirror:
                 break
             try:
                 self._set_attrs_at(self._staging_fd, tmp, attrs)
-                _remove_dir_at(dfd, parts[-1])
+                if _remove_dir_at(dfd, parts[-1]):
+                    self._forget_dirs()
                 os.rename(tmp, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
             except BaseException:
+                self._forget_dirs()
                 _unlink_missing_ok(self._staging_fd, tmp)
                 raise
         finally:
@@ -373,7 +395,10 @@ class Mirror:
             if st is None:
                 return
             if stat.S_ISDIR(st.st_mode):
-                _rmtree(dfd, parts[-1])
+                try:
+                    _rmtree(dfd, parts[-1])
+                finally:
+                    self._forget_dirs()
             else:
                 _unlink_missing_ok(dfd, parts[-1])
         finally:
@@ -399,31 +424,36 @@ class Mirror:
             )
         sfd = self._open_parent(src, path, create=False)
         try:
-            sst = _lstat_at(sfd, src[-1])
-            if sst is None:
-                raise _missing(path)
-            if src == dst:
-                if stat.S_ISDIR(sst.st_mode):
-                    raise PathRefused(f"rename refused: directory {quote_path(path)} onto itself")
-                return
-            dfd = self._open_parent(dst, new_path, create=True)
-            try:
-                dst_st = _lstat_at(dfd, dst[-1])
-                if dst_st is not None:
-                    if (dst_st.st_dev, dst_st.st_ino) == (sst.st_dev, sst.st_ino):
-                        # Two hard links to one inode: rename(2) would silently keep both.
-                        os.unlink(src[-1], dir_fd=sfd)
-                        return
-                    if stat.S_ISDIR(dst_st.st_mode):
-                        _rmtree(dfd, dst[-1])
-                    elif stat.S_ISDIR(sst.st_mode):
-                        # rename(2) will not put a directory over a file.
-                        os.unlink(dst[-1], dir_fd=dfd)
-                os.rename(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
-            finally:
-                os.close(dfd)
+            return self._rename(sfd, src, dst, path, new_path)
         finally:
             os.close(sfd)
+            self._forget_dirs()  # a directory may have moved or gone: no cached path holds
+
+    def _rename(self, sfd: int, src: tuple[bytes, ...], dst: tuple[bytes, ...], path: str,
+                new_path: str) -> None:
+        sst = _lstat_at(sfd, src[-1])
+        if sst is None:
+            raise _missing(path)
+        if src == dst:
+            if stat.S_ISDIR(sst.st_mode):
+                raise PathRefused(f"rename refused: directory {quote_path(path)} onto itself")
+            return
+        dfd = self._open_parent(dst, new_path, create=True)
+        try:
+            dst_st = _lstat_at(dfd, dst[-1])
+            if dst_st is not None:
+                if (dst_st.st_dev, dst_st.st_ino) == (sst.st_dev, sst.st_ino):
+                    # Two hard links to one inode: rename(2) would silently keep both.
+                    os.unlink(src[-1], dir_fd=sfd)
+                    return
+                if stat.S_ISDIR(dst_st.st_mode):
+                    _rmtree(dfd, dst[-1])
+                elif stat.S_ISDIR(sst.st_mode):
+                    # rename(2) will not put a directory over a file.
+                    os.unlink(dst[-1], dir_fd=dfd)
+            os.rename(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def set_attrs(self, path: str, attrs: Attrs) -> None:
         """Set owner (root only), mode (not on symlinks), xattrs, then mtime of `path`.
@@ -469,9 +499,14 @@ class Mirror:
 
         FileNotFoundError (naming `path`) if a parent is missing and not `create`.
         """
+        key = parts[:-1]
+        cached = self._dirs.pop(key, -1)
+        if cached >= 0:
+            self._dirs[key] = cached  # most recently used last
+            return os.dup(cached)
         fd = os.dup(self._root_fd)
         try:
-            for name in parts[:-1]:
+            for name in key:
                 parent, fd = fd, -1
                 try:
                     fd = _open_child_dir(parent, name, path, create=create)
@@ -481,7 +516,17 @@ class Mirror:
             if fd >= 0:
                 os.close(fd)
             raise
+        if key:
+            if len(self._dirs) >= DIR_CACHE_SIZE:
+                os.close(self._dirs.pop(next(iter(self._dirs))))
+            self._dirs[key] = os.dup(fd)
         return fd
+
+    def _forget_dirs(self) -> None:
+        """Empty the directory fd cache (a directory may have been removed or moved)."""
+        dirs, self._dirs = self._dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
 
     def _open_regular(self, parts: tuple[bytes, ...], path: str) -> int:
         try:
@@ -520,7 +565,7 @@ class Mirror:
         os.utime(name, ns=(attrs.mtime_ns, attrs.mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
     def _staged_name(self) -> bytes:
-        return STAGED_PREFIX.encode() + secrets.token_hex(8).encode()
+        return b"%s%s-%d" % (STAGED_PREFIX.encode(), self._stage_tag, next(self._stage_seq))
 
     def _staged_basename(self, staged: str) -> bytes:
         head, name = os.path.split(os.fsencode(staged))
@@ -596,11 +641,14 @@ def _unlink_missing_ok(dfd: int, name: bytes) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
-def _remove_dir_at(dfd: int, name: bytes) -> None:
-    """Remove `name` if it is a directory (rename cannot put a non-directory over one)."""
+def _remove_dir_at(dfd: int, name: bytes) -> bool:
+    """Remove `name` if it is a directory (rename cannot put a non-directory over one);
+    True if it was one."""
     st = _lstat_at(dfd, name)
     if st is not None and stat.S_ISDIR(st.st_mode):
         _rmtree(dfd, name)
+        return True
+    return False
 
 
 def _list_dir(fd: int) -> list[tuple[bytes, bool]]:

@@ -772,3 +772,73 @@ def test_sync_really_syncs(mirror: Mirror) -> None:
     assert mirror_mod._SYNCFS is not None  # glibc has had syncfs since 2.14
     put(mirror, "f", b"x")
     mirror.sync()
+
+
+# ---- the cache of parent directory fds ------------------------------------------------
+
+
+def _replace_with_symlink(m: Mirror, outside: Path) -> None:
+    m.delete("a")
+    m.symlink("a", str(outside), LINK_ATTRS)
+
+
+def _symlink_over_dir(m: Mirror, outside: Path) -> None:
+    m.symlink("a", str(outside), LINK_ATTRS)
+
+
+def _file_over_dir(m: Mirror, outside: Path) -> None:
+    put(m, "a", b"now a file")
+
+
+def _rename_away_then_link(m: Mirror, outside: Path) -> None:
+    m.rename("a", "gone")
+    m.symlink("a", str(outside), LINK_ATTRS)
+
+
+def _rename_other_dir_over(m: Mirror, outside: Path) -> None:
+    put(m, "z/b/other", b"z")
+    m.rename("z", "a")
+
+
+@pytest.mark.parametrize("change", [_replace_with_symlink, _symlink_over_dir, _file_over_dir,
+                                    _rename_away_then_link])
+def test_a_cached_parent_replaced_by_a_non_directory_is_refused(
+        mirror: Mirror, outside: Path, change: Callable[[Mirror, Path], None]) -> None:
+    put(mirror, "a/b/f", b"1")  # caches the fd of a/b
+    before = snapshot(outside)
+    change(mirror, outside)
+    with pytest.raises(PathRefused):
+        put(mirror, "a/b/g", b"2")
+    assert not [f for _, _, files in os.walk(mirror.root) for f in files if f == "g"]
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("change", [_rename_other_dir_over, _rename_away_then_link])
+def test_a_cached_parent_that_moved_is_never_written_through(
+        mirror: Mirror, outside: Path, change: Callable[[Mirror, Path], None]) -> None:
+    put(mirror, "a/b/f", b"1")
+    change(mirror, outside)
+    if change is _rename_other_dir_over:
+        put(mirror, "a/b/g", b"2")
+        assert sorted(os.listdir(mirror.root / "a" / "b")) == ["g", "other"]
+    else:
+        with pytest.raises(PathRefused):
+            put(mirror, "a/b/g", b"2")
+        assert os.listdir(mirror.root / "gone" / "b") == ["f"]
+
+
+def test_a_deleted_and_recreated_parent_gets_the_new_directory(mirror: Mirror) -> None:
+    put(mirror, "a/b/f", b"1")
+    mirror.delete("a/b")
+    put(mirror, "a/b/g", b"2")  # must land in the new a/b, not the unlinked old one
+    assert os.listdir(mirror.root / "a" / "b") == ["g"]
+    assert read(mirror, "a/b/g") == b"2"
+
+
+def test_the_cache_holds_a_bounded_number_of_fds(mirror: Mirror) -> None:
+    base = len(os.listdir("/proc/self/fd"))
+    for i in range(mirror_mod.DIR_CACHE_SIZE * 3):
+        put(mirror, f"d{i}/f", b"x")
+    assert len(os.listdir("/proc/self/fd")) <= base + mirror_mod.DIR_CACHE_SIZE
+    mirror.close()
+    assert len(os.listdir("/proc/self/fd")) < base
