@@ -1,10 +1,14 @@
-"""Session helpers that need no stream."""
+"""Session parts that need no stream: flow-control byte counts, waiting for a batch."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import threading
+
 import pytest
 
-from replicator.receiver.session import batch_message_size
+from replicator.receiver.session import Session, batch_message_size
 from replicator.wire import pb
 
 
@@ -37,3 +41,25 @@ def _batch(sizes: list[int]) -> pb.AgentMessage:
 def test_batch_message_size_is_what_the_agent_counts(sizes: list[int]) -> None:
     m = _batch(sizes)
     assert batch_message_size(m.batch) == m.ByteSize()
+
+
+async def test_quiesce_waits_for_the_batch_in_the_worker_thread() -> None:
+    s = Session(object(), "test")  # type: ignore[arg-type]
+    busy: concurrent.futures.Future[tuple[set[int], Exception | None]] = \
+        concurrent.futures.Future()
+    busy.set_running_or_notify_cancel()
+    s._busy = busy
+    finished = threading.Event()
+
+    def finish() -> None:
+        finished.wait(5)
+        busy.set_result((set(), None))
+
+    threading.Thread(target=finish).start()
+    task = asyncio.ensure_future(s.quiesce())
+    await asyncio.sleep(0.05)
+    assert not task.done()          # still waiting for the worker thread
+    assert s._closing               # and the worker stops taking frames
+    finished.set()
+    await asyncio.wait_for(task, 5)
+    assert busy.done()
