@@ -34,6 +34,7 @@ import os
 import stat as st_mod
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -175,6 +176,9 @@ class DirectorySource:
         if ack.resync_paths:
             self._wake.set()
         self._update_state()
+
+    def before_send(self) -> None:
+        self.view.save()
 
     def on_disconnect(self) -> None:
         if self.state != "error":
@@ -322,12 +326,17 @@ class DirectorySource:
         try:
             async for path, st in _in_thread(scan(self.root, self.excludes)):
                 seen.add(path)
+                parent = parent_of(path)
+                if parent and self.view.get(parent) is None:
+                    # the scan ran ahead of a change: the parent was gone by the time we
+                    # looked at it, so this entry is stale too; the watcher reports the move
+                    continue
                 await self._examine(generation, path, st, first_seen, descend=False)
             gone = sorted(p for p in self.view.paths() if p not in seen)
             if gone:
                 self._check_root()
             for path in gone:
-                if self.view.get(path) is not None and _lstat(self.root / path) is None:
+                if self._known(path) and _lstat(self.root / path) is None:
                     await self._delete(generation, path, first_seen)
         except BaseException:
             self.rescan_first_seen = first_seen
@@ -362,7 +371,7 @@ class DirectorySource:
             if missing:
                 self._check_root()
             for path in sorted(missing, key=depth):
-                if self.view.get(path) is not None and _lstat(self.root / path) is None:
+                if self._known(path) and _lstat(self.root / path) is None:
                     await self._delete(generation, path, missing[path])
         except BaseException:
             # nothing is lost: whatever was not shipped is found again
@@ -382,7 +391,7 @@ class DirectorySource:
         due: dict[str, float] = {}
         held: dict[str, float] = {}
         for path, first_seen in missing.items():
-            if self.view.get(path) is None:
+            if not self._known(path):
                 continue
             age = now - first_seen
             if age >= DELETE_MAX_HOLD or (age >= DELETE_GRACE and not busy):
@@ -427,6 +436,10 @@ class DirectorySource:
         except OSError as e:
             self._log_error(path, f"cannot read {path!r}: {e.strerror or e}")
 
+    def _known(self, path: str) -> bool:
+        """The receiver has something at `path`: an entry, or entries below it."""
+        return self.view.get(path) is not None or bool(self.view.children(path))
+
     def _follow_move(self, old: str, new: str) -> None:
         """Pending paths below a renamed directory now live under its new name."""
         prefix = old + "/"
@@ -445,6 +458,11 @@ class DirectorySource:
                 continue  # a directory cannot move into itself
             now = _lstat(self.root / candidate)
             if now is None or now.st_ino != st.st_ino:
+                # `st` may be stale (a scan runs ahead): only a path that holds the inode
+                # right now is a rename target
+                here = _lstat(self.root / path)
+                if here is None or here.st_ino != st.st_ino:
+                    return None
                 return candidate
         return None
 
@@ -497,8 +515,11 @@ class DirectorySource:
             if state is None:
                 return
             if state.digest == entry.digest:
-                attrs, xdigest = self._attrs(path, st)
-                new = _entry(KIND_FILE, st, xdigest, state)
+                # attributes as of the consistent read, never the older lstat: the view
+                # must hold exactly what was sent
+                read = _stat_of(state)
+                attrs, xdigest = self._attrs(path, read)
+                new = _entry(KIND_FILE, read, xdigest, state)
                 await self._send(generation, Header(Op.SETATTR, path, attrs=attrs,
                                                     first_seen=first_seen),
                                  [Put(path, new, None)])
@@ -636,7 +657,7 @@ class DirectorySource:
 
     # ---- attributes ----
 
-    def _attrs(self, path: str, st: os.stat_result, *, fd: int | None = None,
+    def _attrs(self, path: str, st: os.stat_result | _Stat, *, fd: int | None = None,
                xattrs: bool = True) -> tuple[Attrs, bytes]:
         values: dict[str, bytes] | None = None
         xdigest = b""
@@ -689,7 +710,25 @@ def _racy(entry: Entry) -> bool:
     return entry.mtime_ns >= entry.stat_ns - RACY_MARGIN_NS
 
 
-def _entry(kind: str, st: os.stat_result, xdigest: bytes,
+@dataclass(frozen=True, slots=True)
+class _Stat:
+    """The parts of a stat the view keeps, as a consistent read saw them."""
+
+    st_mode: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_size: int
+    st_ino: int
+    st_uid: int
+    st_gid: int
+
+
+def _stat_of(state: FileState) -> _Stat:
+    return _Stat(state.mode, state.mtime_ns, state.ctime_ns, state.size, state.ino, state.uid,
+                 state.gid)
+
+
+def _entry(kind: str, st: os.stat_result | _Stat, xdigest: bytes,
            state: FileState | None = None) -> Entry:
     e = Entry(kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
               ino=st.st_ino, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,

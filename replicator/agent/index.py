@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import marshal
 import os
 import sqlite3
 from collections import deque
@@ -45,7 +46,7 @@ KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
 KINDS = frozenset({KIND_FILE, KIND_DIR, KIND_SYMLINK})
 
 # Bump when the schema changes: an index of another version is discarded and rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _META_FORMAT = "format"
 _META_ACKED = "acked_lsn"
@@ -164,6 +165,8 @@ _SCHEMA = (
     )""",
     # keyed by files.id so that a move never rewrites (possibly large) hashes
     "CREATE TABLE hashes (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    # mutations of records sent but not yet acknowledged, saved before they go on the wire
+    "CREATE TABLE inflight (lsn INTEGER PRIMARY KEY, data BLOB NOT NULL)",
 )
 
 _SUBTREE = "path = ? OR (path >= ? AND path < ?)"
@@ -178,6 +181,42 @@ _UPSERT = (
     "digest = excluded.digest, stat_ns = excluded.stat_ns, "
     "xattr_digest = excluded.xattr_digest RETURNING id"
 )
+
+
+def encode_mutations(mutations: Sequence[Mutation]) -> bytes:
+    """Mutations as plain tuples in marshal format (data only: no code is ever loaded)."""
+    out: list[tuple[object, ...]] = []
+    for m in mutations:
+        if isinstance(m, Put):
+            e = m.entry
+            out.append(("P", m.path, (e.kind, e.size, e.mtime_ns, e.ctime_ns, e.ino, e.mode,
+                                      e.uid, e.gid, e.target, e.digest, e.stat_ns,
+                                      e.xattr_digest), m.hashes))
+        elif isinstance(m, Remove):
+            out.append(("R", m.path))
+        else:
+            out.append(("M", m.old, m.new))
+    return marshal.dumps(out)
+
+
+def decode_mutations(data: bytes) -> tuple[Mutation, ...]:
+    out: list[Mutation] = []
+    for item in marshal.loads(data):
+        tag = item[0]
+        if tag == "P":
+            (kind, size, mtime_ns, ctime_ns, ino, mode, uid, gid, target, digest, stat_ns,
+             xattr_digest) = item[2]
+            out.append(Put(item[1], Entry(
+                kind=kind, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns, ino=ino,
+                mode=mode, uid=uid, gid=gid, target=target, digest=digest, stat_ns=stat_ns,
+                xattr_digest=xattr_digest), item[3]))
+        elif tag == "R":
+            out.append(Remove(item[1]))
+        elif tag == "M":
+            out.append(Move(item[1], item[2]))
+        else:
+            raise ValueError(f"unknown mutation tag {tag!r}")
+    return tuple(out)
 
 
 class Index:
@@ -216,7 +255,7 @@ class Index:
                 row = db.execute("SELECT value FROM meta WHERE key = ?",
                                  (_META_FORMAT,)).fetchone()
                 version = row[0] if row else None
-            if version == FORMAT_VERSION and {"files", "hashes"} <= tables:
+            if version == FORMAT_VERSION and {"files", "hashes", "inflight"} <= tables:
                 return db
             log.warning("index of unknown format, rebuilding path=%s version=%s",
                         self.path, version)
@@ -308,13 +347,44 @@ class Index:
                 else:
                     self._move(m.old, m.new)
             self._set_meta(_META_ACKED, acked_lsn)
+            self._db.execute("DELETE FROM inflight WHERE lsn <= ?", (acked_lsn,))
         self._acked_lsn = acked_lsn
+
+    def save_inflight(self, records: Sequence[tuple[int, Sequence[Mutation]]]) -> None:
+        """Remember the mutations of records about to be sent, in one transaction.
+
+        If the agent dies before their acks arrive, the next run still knows what the
+        receiver may hold: the receiver's flushed LSN then says which of them to commit.
+        """
+        with self._txn():
+            self._db.executemany("INSERT OR REPLACE INTO inflight (lsn, data) VALUES (?, ?)",
+                                 [(lsn, encode_mutations(m)) for lsn, m in records])
+
+    def load_inflight(self) -> list[tuple[int, tuple[Mutation, ...]]]:
+        """Saved in-flight records above acked_lsn, in LSN order; unreadable ones end it."""
+        out: list[tuple[int, tuple[Mutation, ...]]] = []
+        rows = self._db.execute("SELECT lsn, data FROM inflight WHERE lsn > ? ORDER BY lsn",
+                                (self._acked_lsn,))
+        for lsn, data in rows:
+            try:
+                out.append((lsn, decode_mutations(data)))
+            except (ValueError, TypeError, EOFError) as e:
+                log.warning("in-flight record unreadable, ignoring it and later ones path=%s "
+                            "lsn=%d error=%s", self.path, lsn, e)
+                break
+        return out
+
+    def drop_inflight(self, above: int) -> None:
+        """Forget saved in-flight records above `above` (the receiver never got them)."""
+        with self._txn():
+            self._db.execute("DELETE FROM inflight WHERE lsn > ?", (above,))
 
     def reset(self) -> None:
         """Empty the index; acked_lsn = 0. The epoch is kept: it belongs to the receiver."""
         with self._txn():
             self._db.execute("DELETE FROM hashes")
             self._db.execute("DELETE FROM files")
+            self._db.execute("DELETE FROM inflight")
             self._set_meta(_META_ACKED, 0)
         self._acked_lsn = 0
 
@@ -412,7 +482,11 @@ class View:
         # one path (the common case) or a set of hard links; saves a set per entry
         self._inodes: dict[int, str | set[str]] = {}
         self._pending: dict[str, _Pending] = {}
+        self._unsaved: list[_Flight] = []
         self._load()
+        for lsn, muts in index.load_inflight():
+            if lsn > self._last_lsn:
+                self._record(lsn, muts)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -476,6 +550,20 @@ class View:
         Raises ValueError, changing nothing, if lsn is not above every LSN recorded or
         acknowledged so far or if a mutation is invalid.
         """
+        self._unsaved.append(self._record(lsn, mutations))
+
+    def save(self) -> None:
+        """Make the recorded, unsaved in-flight mutations durable in the index file.
+
+        Call before their records go on the wire: then an agent that dies and restarts
+        still knows what the receiver may have (DESIGN 3: nothing the receiver holds is
+        unknown to the agent after a crash).
+        """
+        if self._unsaved:
+            self._index.save_inflight([(f.lsn, f.mutations) for f in self._unsaved])
+            self._unsaved.clear()
+
+    def _record(self, lsn: int, mutations: Sequence[Mutation]) -> _Flight:
         if lsn <= self._last_lsn:
             raise ValueError(f"lsn {lsn} not above last lsn {self._last_lsn}")
         muts = tuple(mutations)
@@ -491,6 +579,7 @@ class View:
                 self._move(flight, m.old, m.new)
         self._flights.append(flight)
         self._last_lsn = lsn
+        return flight
 
     def acked(self, lsn: int) -> None:
         """Commit the mutations of every LSN <= `lsn` to the index in one transaction, with
@@ -508,6 +597,7 @@ class View:
             batch.extend(flight.mutations)
             done += 1
         index.commit(lsn, batch)
+        self._unsaved = [f for f in self._unsaved if f.lsn > lsn]
         for _ in range(done):
             flight = self._flights.popleft()
             for path in flight.touched:
@@ -525,6 +615,8 @@ class View:
         """
         self.acked(flushed_lsn)
         self._flights.clear()
+        self._unsaved.clear()
+        self._index.drop_inflight(max(flushed_lsn, self._index.acked_lsn))
         self._last_lsn = self._index.acked_lsn
         self._load()
 
@@ -532,6 +624,7 @@ class View:
         """Empty the index (acked_lsn = 0) and the view."""
         self._index.reset()
         self._flights.clear()
+        self._unsaved.clear()
         self._last_lsn = 0
         self._load()
 

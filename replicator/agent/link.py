@@ -83,6 +83,9 @@ class Endpoint(Protocol):
     def lag(self) -> pb.DatasetLag:
         """The dataset's lag figures for a heartbeat (agent clock)."""
 
+    def before_send(self) -> None:
+        """Frames queued so far are about to go on the wire: persist what must survive."""
+
 
 class Link:
     def __init__(self, target: str, source_id: str, *,
@@ -250,6 +253,8 @@ class Link:
                     frames.append(f)
                     taken += _pb_frame_size(f)
                 self._queued_bytes = max(0, self._queued_bytes - taken)
+                for ep in self.endpoints:
+                    ep.before_send()
                 size = msg.ByteSize()
                 self._sent += size
                 self.bytes_sent += size

@@ -21,7 +21,7 @@ def run_steps(w: Workload, n: int, pause: float = 0.002) -> None:
         time.sleep(pause)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("WORKLOAD_SEEDS", "1,2").split(",")])
 def test_random_workload_converges(pair: Pair, seed: int) -> None:
     pair.receiver.start()
     pair.agent.start()

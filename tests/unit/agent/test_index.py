@@ -604,3 +604,48 @@ def test_random_walk_against_model(db: Path, seed: int) -> None:
         assert view._pending == {}
     with Index(db) as ix:
         assert_matches(View(ix), model)
+
+
+# ---- in-flight records saved before they are sent ----
+
+
+def test_saved_inflight_records_survive_a_crash_and_commit_on_rewind(tmp_path: Path) -> None:
+    path = tmp_path / "index.db"
+    index = Index(path)
+    view = View(index)
+    view.record(1, [D("d", 1)])
+    view.record(2, [F("d/a\udcff", 2, b"h" * 16)])
+    view.record(3, [Move("d", "e")])
+    view.save()
+    view.record(4, [F("never-sent", 4)])   # recorded, not saved: never went on the wire
+    index.close()                            # the agent dies; no ack arrived
+
+    index = Index(path)
+    view = View(index)
+    assert index.acked_lsn == 0
+    assert view.in_flight == 3
+    assert view.get("e/a\udcff") is not None and view.get("never-sent") is None
+    assert view.hashes("e/a\udcff") == b"h" * 16
+    view.rewind(2)                           # the receiver flushed 1 and 2 only
+    assert index.acked_lsn == 2
+    assert sorted(view.paths()) == ["d", "d/a\udcff"]
+    index.close()
+
+    index = Index(path)
+    view = View(index)                       # what was dropped stays dropped
+    assert view.in_flight == 0
+    assert sorted(view.paths()) == ["d", "d/a\udcff"]
+    assert index.hashes("d/a\udcff") == b"h" * 16
+
+
+def test_acked_records_leave_the_inflight_table(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.db")
+    view = View(index)
+    view.record(1, [F("a", 1)])
+    view.save()
+    view.acked(1)
+    view.record(2, [Remove("a")])
+    view.acked(2)                            # acked before it was ever saved
+    view.save()
+    assert index.load_inflight() == []
+    assert view.in_flight == 0 and list(view.paths()) == []
