@@ -415,14 +415,32 @@ class DirectorySource:
         kind = kind_of(st.st_mode)
         if kind is None:
             return
+        parent = parent_of(path)
+        parent_entry = self.view.get(parent) if parent else None
+        if parent and (parent_entry is None or parent_entry.kind != KIND_DIR):
+            # the receiver must have the parent first (it may itself be new or renamed);
+            # a parent that is gone makes this entry stale: its own events follow
+            pst = _lstat(self.root / parent)
+            if pst is None or kind_of(pst.st_mode) != KIND_DIR:
+                return
+            await self._examine(generation, parent, pst, first_seen, descend=False)
+            parent_entry = self.view.get(parent)
+            if parent_entry is None or parent_entry.kind != KIND_DIR:
+                return
         entry = self.view.get(path)
         if entry is None or entry.ino != st.st_ino or entry.kind != kind:
             source = self._renamed_from(path, st, kind)
             if source is not None:
+                # whatever the rename replaces may still exist elsewhere on the primary
+                # (or was just put there): look at it again once the rename is shipped
+                replaced = [path] if entry is not None else []
+                replaced += [f"{path}/{c}" for c in self.view.children(path)]
                 await self._send(generation, Header(Op.RENAME, source, new_path=path,
                                                     first_seen=first_seen),
                                  [Move(source, path)])
                 self._follow_move(source, path)
+                for old in replaced:
+                    self.dirty.setdefault(old, first_seen)
                 entry = self.view.get(path)
         try:
             if kind == KIND_DIR:
