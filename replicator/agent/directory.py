@@ -70,6 +70,8 @@ GUARD_RETRY_INTERVAL = 2.0      # seconds between checks of an unsafe root
 DELETE_GRACE = 0.1              # a vanished path waits this long: it may be a rename...
 DELETE_MAX_HOLD = 1.0           # ...whose other half is still in the watcher, but no longer
 RACY_MARGIN_NS = 50_000_000     # an mtime this close to the stat time cannot be trusted
+ACK_COMMIT_INTERVAL = 0.2       # seconds between index commits of acknowledged records
+ACK_COMMIT_MAX_RECORDS = 20_000  # ...or sooner when this many records wait in memory
 ERROR_LOG_INTERVAL = 60.0       # the same per-path error is logged at most this often
 
 
@@ -124,6 +126,7 @@ class DirectorySource:
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
         self.watcher: Watcher | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._root_dev: int | None = None
         self._wake = asyncio.Event()
         self._error_logged: dict[str, float] = {}
@@ -159,11 +162,14 @@ class DirectorySource:
     def on_ack(self, ack: pb.DatasetAck) -> None:
         if ack.flushed_lsn > self.flushed_lsn:
             self.flushed_lsn = ack.flushed_lsn
-            self.view.acked(min(ack.flushed_lsn, self.next_lsn - 1))
+            self._schedule_ack_commit()
         self.written_lsn = max(self.written_lsn, ack.written_lsn)
         if ack.applied_lsn > self.applied_lsn:
             self.applied_lsn = ack.applied_lsn
-            for lsn in [k for k in self.unapplied if k <= ack.applied_lsn]:
+            while self.unapplied:  # LSN order: drop from the front
+                lsn = next(iter(self.unapplied))
+                if lsn > ack.applied_lsn:
+                    break
                 del self.unapplied[lsn]
         if ack.error:
             self._log_error("receiver", f"receiver cannot apply: {ack.error}")
@@ -176,6 +182,24 @@ class DirectorySource:
         if ack.resync_paths:
             self._wake.set()
         self._update_state()
+
+    def _schedule_ack_commit(self) -> None:
+        """Acks move the index in groups: one transaction per ACK_COMMIT_INTERVAL.
+
+        Nothing is at risk meanwhile: the records are saved as in flight, and a restart
+        commits them from the receiver's flushed position.
+        """
+        if self.view.in_flight >= ACK_COMMIT_MAX_RECORDS:
+            self._commit_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_COMMIT_INTERVAL,
+                                                                    self._commit_acks)
+
+    def _commit_acks(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self.view.acked(min(self.flushed_lsn, self.next_lsn - 1))
 
     def before_send(self) -> None:
         self.view.save()
@@ -229,6 +253,8 @@ class DirectorySource:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+            with contextlib.suppress(Exception):
+                self._commit_acks()
             self.index.close()
 
     async def _watch(self, watcher: Watcher) -> None:

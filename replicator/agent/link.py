@@ -31,7 +31,7 @@ import grpc
 from replicator import __version__
 from replicator.core.records import Frame
 from replicator.wire import PROTOCOL_VERSION, pb, rpc
-from replicator.wire.convert import frame_to_pb
+from replicator.wire.convert import batch_message_size, frame_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Link:
                 self._queued_bytes = max(0, self._queued_bytes - taken)
                 for ep in self.endpoints:
                     ep.before_send()
-                size = msg.ByteSize()
+                size = batch_message_size(msg.batch)
                 self._sent += size
                 self.bytes_sent += size
                 async with self._write_lock:

@@ -56,7 +56,7 @@ from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, encode_staged
 from replicator.receiver.mirror import start_writeback
 from replicator.wire import PROTOCOL_VERSION, pb
-from replicator.wire.convert import frame_from_pb
+from replicator.wire.convert import batch_message_size, frame_from_pb
 
 if TYPE_CHECKING:
     from replicator.receiver.receiver import Receiver
@@ -377,24 +377,6 @@ class Session:
                 ds.on_applied = None
             if self.source:
                 log.info("agent disconnected source=%s peer=%s", self.source, self.peer)
-
-
-def _varint_size(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
-def batch_message_size(batch: pb.Batch) -> int:
-    """AgentMessage(batch=batch).ByteSize(), which the agent counts for flow control.
-
-    Summed from the frames' sizes: upb's ByteSize of a whole 1 MiB message costs over a
-    millisecond (it walks the message much as serialising does), a frame's a microsecond.
-    Field tags are one byte (AgentMessage.batch = 2, Batch.frames = 1).
-    """
-    inner = 0
-    for f in batch.frames:
-        n = f.ByteSize()
-        inner += 1 + _varint_size(n) + n
-    return 1 + _varint_size(inner) + inner
 
 
 def _sync_all(journals: list) -> None:  # type: ignore[type-arg]

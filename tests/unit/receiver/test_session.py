@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-from replicator.receiver.session import Session, batch_message_size
+from replicator.receiver.session import Session
 from replicator.wire import pb
+from replicator.wire.convert import batch_message_size
 
 
 def _batch(sizes: list[int]) -> pb.AgentMessage:
