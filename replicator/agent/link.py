@@ -101,6 +101,7 @@ class Link:
         self.connected = asyncio.Event()
         self.last_error: str | None = None
         self.bytes_sent = 0              # wire bytes of all streams, for metrics
+        self.dataset_bytes: list[int] = []  # frame bytes queued per dataset, for metrics
         self._queue: collections.deque[pb.Frame] = collections.deque()
         self._queued_bytes = 0
         self._sent = 0                   # stream bytes of the current stream
@@ -113,6 +114,7 @@ class Link:
 
     def add(self, endpoint: Endpoint) -> int:
         self.endpoints.append(endpoint)
+        self.dataset_bytes.append(0)
         return len(self.endpoints) - 1
 
     # ---- producers ----
@@ -131,6 +133,7 @@ class Link:
             for f in frames:
                 self._queue.append(frame_to_pb(dataset, f))
             self._queued_bytes += size
+            self.dataset_bytes[dataset] += size
         self._has_data.set()
 
     def _fits(self, size: int) -> bool:

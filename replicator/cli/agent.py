@@ -10,6 +10,7 @@ from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_agent
 from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
 from replicator.observe.http import HttpServer, json_route
+from replicator.observe.metrics import agent_metrics_route
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         http = None
         try:
             if config.http:
-                http = HttpServer(config.http, {"/status": json_route(agent.status_document)})
+                http = HttpServer(config.http, {"/status": json_route(agent.status_document),
+                                                "/metrics": agent_metrics_route(agent)})
                 await http.start()
             task = asyncio.ensure_future(agent.run())
             notify("READY=1")

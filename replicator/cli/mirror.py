@@ -19,6 +19,7 @@ from replicator.config import DEFAULT_BLOCK_SIZE, DatasetConfig, parse_hostport,
 from replicator.daemon import lock_state_dir, notify, serve
 from replicator.errors import UsageError
 from replicator.observe.http import HttpServer, json_route
+from replicator.observe.metrics import agent_metrics_route
 from replicator.receiver.receiver import Receiver
 
 SOURCE_ID = "local"
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                           block_size=block_size, rescan_interval=args.rescan_interval)
             if args.http:
                 http = HttpServer(args.http, {"/status": json_route(receiver.status_document),
-                                              "/agent/status": json_route(agent.status_document)})
+                                              "/agent/status": json_route(agent.status_document),
+                                              "/metrics": agent_metrics_route(agent)})
                 await http.start()
             task = asyncio.ensure_future(agent.run())
             notify("READY=1")
