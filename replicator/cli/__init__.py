@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from replicator import __version__
@@ -41,3 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 0
+    except BaseException as e:  # a bug or an unexpected OS failure: one line, exit 2
+        if isinstance(e, SystemExit):
+            raise
+        cause = _innermost(e)
+        logging.getLogger("replicator").debug("unexpected error", exc_info=e)
+        print(f"replicator {args.command}: unexpected error: {type(cause).__name__}: {cause} "
+              "(run with --log-level debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e

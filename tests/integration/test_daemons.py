@@ -77,3 +77,16 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path, command: str) ->
     assert len(lines) == 1, r.stderr
     assert str(conf) in lines[0]
     assert ("listen" in lines[0]) if command == "receiver" else ("source_id" in lines[0])
+
+
+def test_unexpected_failure_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "s" / "datasets" / "docs" / "index.db").mkdir(parents=True)  # not a file
+    conf = agent_config(tmp_path / "a.toml", receiver_port=free_port(), state=tmp_path / "s",
+                        source=tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "replicator", "agent", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("replicator agent: unexpected error: IsADirectoryError"), r.stderr
+    assert "Traceback" not in r.stderr
