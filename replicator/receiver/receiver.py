@@ -25,7 +25,7 @@ from replicator.lag import DatasetStatus, status_document
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.service import ReplicatorServicer
 from replicator.receiver.session import Session
-from replicator.wire import SERVICE_NAME, pb, rpc
+from replicator.wire import SERVICE_NAME, rpc
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,3 @@ class Receiver:
 
     def status_document(self) -> dict[str, object]:
         return status_document("receiver", __version__, self.status_rows())
-
-
-__all__ = ["Receiver", "pb"]
