@@ -41,6 +41,7 @@ class ReceiverDataset:
         self.last_contact_at: float | None = None
         self.agent_lag: AgentLag | None = None
         self.error: str | None = None
+        self.storage_error: str | None = None   # the last stream failed on our own storage
         self.on_applied: Callable[[ReceiverDataset], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -109,7 +110,8 @@ class ReceiverDataset:
             applied_lsn=self.applied_lsn, last_applied_at=self.applier.last_applied_at or None,
             last_contact_at=self.last_contact_at,
         )
-        error = self.error or self.applier.error or (lag.error if lag else "")
+        error = (self.error or self.applier.error or self.storage_error
+                 or (lag.error if lag else ""))
         if error:
             row.error = error
         if not self.connected or lag is None:

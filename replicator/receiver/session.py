@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -144,6 +145,17 @@ class Session:
                 log.warning("stream ended source=%s peer=%s error=%s", self.source, self.peer,
                             error.message)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            elif isinstance(error, OSError):
+                # the receiver's own storage failed (a full disk, an I/O error): nothing was
+                # acknowledged that is not durable, the agent keeps its changes and retries
+                message = f"receiver storage: {error.strerror or error}"
+                log.error("stream ended source=%s peer=%s error=%s", self.source, self.peer,
+                          message)
+                for ds in self.datasets:
+                    ds.storage_error = message
+                full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
+                                    else grpc.StatusCode.UNAVAILABLE, message)
             elif error is not None:
                 raise error
         finally:
@@ -211,6 +223,7 @@ class Session:
         # what was appended before a bad frame is still made durable and acknowledged
         if touched:
             for i in touched:
+                self.datasets[i].storage_error = None
                 self.datasets[i].flushed()
                 self._dirty.add(i)
             self._wake.set()
