@@ -723,9 +723,9 @@ class DirectorySource:
     def _read_xattrs(self, target: Path | int) -> dict[str, bytes] | None:
         try:
             if isinstance(target, int):
-                names = os.listxattr(target)
+                names = self._xattr_names(os.listxattr(target), target)
                 return {n: os.getxattr(target, n) for n in names}
-            names = os.listxattr(target, follow_symlinks=False)
+            names = self._xattr_names(os.listxattr(target, follow_symlinks=False), target)
             return {n: os.getxattr(target, n, follow_symlinks=False) for n in names}
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -734,6 +734,18 @@ class DirectorySource:
             if e.errno in (errno.EACCES, errno.EPERM, errno.ENODATA):
                 return None
             raise
+
+    def _xattr_names(self, names: list[str], target: Path | int) -> list[str]:
+        """Names the wire can carry (its map keys are UTF-8); others are skipped, said once."""
+        good = []
+        for n in names:
+            try:
+                n.encode("utf-8")
+                good.append(n)
+            except UnicodeEncodeError:
+                self._log_error(f"xattr:{n!r}", f"extended attribute {n!r} of {target} is "
+                                "not UTF-8 and is not replicated")
+        return good
 
     def _log_error(self, key: str, message: str) -> None:
         self.errors[key] = self.errors.get(key, 0) + 1

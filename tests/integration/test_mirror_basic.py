@@ -6,6 +6,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import Daemon, free_port, get_json, wait_converged, wait_for
 
 
@@ -124,5 +126,26 @@ def test_metrics_count_raw_and_wire_bytes(tmp_path: Path) -> None:
         assert raw == (src / "text").stat().st_size
         assert 0 < wire < raw / 10, "repetitive text travels lz4-compressed"
         assert samples[("replicator_records_total", None)] >= 1
+    finally:
+        assert mirror.stop() == 0, mirror.log()
+
+
+def test_xattr_name_that_is_not_utf8_is_skipped_not_fatal(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    f = src / "f"
+    f.write_text("x")
+    try:
+        os.setxattr(f, os.fsdecode(b"user.\xff"), b"odd")
+        os.setxattr(f, "user.ok", b"fine")
+    except OSError:
+        pytest.skip("no user xattrs on this file system")
+    mirror, _ = start_mirror(tmp_path, src, dst)
+    try:
+        wait_for(lambda: (dst / "f").exists() and os.listxattr(dst / "f") == ["user.ok"], 30,
+                 message="the file with its UTF-8 xattr")
+        (src / "later").write_text("still shipping")
+        wait_for(lambda: (dst / "later").exists(), 30, message="later changes")
+        assert "not UTF-8" in mirror.log()
     finally:
         assert mirror.stop() == 0, mirror.log()
