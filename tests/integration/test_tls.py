@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def make_pki(d: Path) -> None:
                 f"{name}.ext", cwd=d)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 @pytest.mark.parametrize("cert", ["app1", "intruder"])
 def test_client_certificate_must_name_the_source(tmp_path: Path, cert: str) -> None:
     pki = tmp_path / "pki"
