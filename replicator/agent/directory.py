@@ -73,6 +73,7 @@ RACY_MARGIN_NS = 50_000_000     # an mtime this close to the stat time cannot be
 ACK_COMMIT_INTERVAL = 0.2       # seconds between index commits of acknowledged records
 ACK_COMMIT_MAX_RECORDS = 20_000  # ...or sooner when this many records wait in memory
 ERROR_LOG_INTERVAL = 60.0       # the same per-path error is logged at most this often
+ERROR_KEYS_MAX = 10_000         # distinct error keys remembered for that
 
 
 def kind_of(mode: int) -> str | None:
@@ -748,6 +749,9 @@ class DirectorySource:
         return good
 
     def _log_error(self, key: str, message: str) -> None:
+        if len(self._error_logged) > ERROR_KEYS_MAX:  # memory stays bounded: forget old ones
+            self._error_logged.clear()
+            self.errors.clear()
         self.errors[key] = self.errors.get(key, 0) + 1
         now = time.monotonic()
         if now - self._error_logged.get(key, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
