@@ -381,15 +381,6 @@ class DirectorySource:
                 if st is None:
                     missing[path] = first_seen
                     continue
-                # a path whose parent the receiver does not have yet: start at the parent
-                top = path
-                parent = parent_of(top)
-                while parent and self.view.get(parent) is None:
-                    top, parent = parent, parent_of(parent)
-                if top != path:
-                    pst = _lstat(self.root / top)
-                    if pst is not None:
-                        existing.setdefault(top, (pst, first_seen))
                 existing[path] = (st, first_seen)
             for path in sorted(existing, key=depth):
                 st, first_seen = existing[path]
@@ -450,7 +441,8 @@ class DirectorySource:
             pst = _lstat(self.root / parent)
             if pst is None or kind_of(pst.st_mode) != KIND_DIR:
                 return
-            await self._examine(generation, parent, pst, first_seen, descend=False)
+            # descend: a directory that appeared may hold entries no event named
+            await self._examine(generation, parent, pst, first_seen, descend=descend)
             parent_entry = self.view.get(parent)
             if parent_entry is None or parent_entry.kind != KIND_DIR:
                 return
@@ -606,23 +598,11 @@ class DirectorySource:
                 attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
                 raw_bytes = reader.raw_bytes
             break
-        header = Header(
-            Op.FILE, path, attrs=attrs, size=state.size,
-            base=Base.PREVIOUS if entry is not None else Base.EMPTY,
-            base_digest=entry.digest if entry is not None else b"",
-            block_size=self.block_size, first_seen=first_seen, raw_bytes=raw_bytes)
+        header = self._file_header(path, attrs, state.size, entry, first_seen, raw_bytes)
         lsn = self._begin(first_seen)
-        frames = [Frame(lsn, header), *(Frame(lsn, b) for b in blocks),
-                  Frame(lsn, End(digest=state.digest))]
-        try:
-            await self.link.send(generation, self.dataset, frames)
-        except BaseException:
-            self.current = None
-            raise
-        self.force_whole.discard(path)
-        self.raw_bytes_sent += raw_bytes
-        self._end(lsn, [Put(path, _entry(KIND_FILE, st0, xdigest, state), state.hashes)],
-                  raw_bytes=raw_bytes)
+        await self._ship(generation, [Frame(lsn, header), *(Frame(lsn, b) for b in blocks),
+                                      Frame(lsn, End(digest=state.digest))])
+        self._file_sent(lsn, path, st0, xdigest, state, raw_bytes)
 
     async def _send_file(self, generation: int, path: str, entry: Entry | None,
                          old_hashes: bytes | None, first_seen: float) -> None:
@@ -631,11 +611,7 @@ class DirectorySource:
         try:
             st0 = reader.stat
             attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
-            header = Header(
-                Op.FILE, path, attrs=attrs, size=st0.st_size,
-                base=Base.PREVIOUS if entry is not None else Base.EMPTY,
-                base_digest=entry.digest if entry is not None else b"",
-                block_size=self.block_size, first_seen=first_seen)
+            header = self._file_header(path, attrs, st0.st_size, entry, first_seen)
             lsn = self._begin(first_seen)
             try:
                 await self.link.send(generation, self.dataset, [Frame(lsn, header)])
@@ -660,12 +636,24 @@ class DirectorySource:
             except BaseException:
                 self.current = None
                 raise
-            self.force_whole.discard(path)
-            self.raw_bytes_sent += reader.raw_bytes
-            self._end(lsn, [Put(path, _entry(KIND_FILE, st0, xdigest, state), state.hashes)],
-                      raw_bytes=reader.raw_bytes)
+            self._file_sent(lsn, path, st0, xdigest, state, reader.raw_bytes)
         finally:
             reader.close()
+
+    def _file_header(self, path: str, attrs: Attrs, size: int, base: Entry | None,
+                     first_seen: float, raw_bytes: int = 0) -> Header:
+        """A whole file (no base) or a patch of the receiver's copy described by `base`."""
+        return Header(Op.FILE, path, attrs=attrs, size=size,
+                      base=Base.PREVIOUS if base is not None else Base.EMPTY,
+                      base_digest=base.digest if base is not None else b"",
+                      block_size=self.block_size, first_seen=first_seen, raw_bytes=raw_bytes)
+
+    def _file_sent(self, lsn: int, path: str, st: os.stat_result, xdigest: bytes,
+                   state: FileState, raw_bytes: int) -> None:
+        self.force_whole.discard(path)
+        self.raw_bytes_sent += raw_bytes
+        self._end(lsn, [Put(path, _entry(KIND_FILE, st, xdigest, state), state.hashes)],
+                  raw_bytes=raw_bytes)
 
     async def _delete(self, generation: int, path: str, first_seen: float) -> None:
         await self._send(generation, Header(Op.DELETE, path, first_seen=first_seen),
@@ -673,13 +661,16 @@ class DirectorySource:
 
     async def _send(self, generation: int, header: Header, mutations: list[Mutation]) -> None:
         lsn = self._begin(header.first_seen)
+        await self._ship(generation, [Frame(lsn, header), Frame(lsn, End())])
+        self._end(lsn, mutations)
+
+    async def _ship(self, generation: int, frames: list[Frame]) -> None:
+        """Sends the frames of the current record; on failure there is no current record."""
         try:
-            await self.link.send(generation, self.dataset,
-                                 [Frame(lsn, header), Frame(lsn, End())])
+            await self.link.send(generation, self.dataset, frames)
         except BaseException:
             self.current = None
             raise
-        self._end(lsn, mutations)
 
     def _begin(self, first_seen: float) -> int:
         self.current = (first_seen, 0)

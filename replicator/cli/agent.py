@@ -9,7 +9,7 @@ from replicator.agent.agent import Agent
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_agent
 from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
-from replicator.observe.http import HttpServer, json_route
+from replicator.observe.http import json_route, serving
 from replicator.observe.metrics import agent_metrics_route
 
 
@@ -27,17 +27,11 @@ def run(args: argparse.Namespace) -> int:
     agent = Agent.from_config(config, channel_credentials(config.tls))
 
     async def main() -> None:
-        http = None
-        try:
-            if config.http:
-                http = HttpServer(config.http, {"/status": json_route(agent.status_document),
-                                                "/metrics": agent_metrics_route(agent)})
-                await http.start()
+        routes = {"/status": json_route(agent.status_document),
+                  "/metrics": agent_metrics_route(agent)}
+        async with serving(config.http, routes):
             task = asyncio.ensure_future(agent.run())
             notify("READY=1")
             await task
-        finally:
-            if http is not None:
-                await http.stop()
 
     return serve(main)

@@ -18,7 +18,7 @@ from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import DEFAULT_BLOCK_SIZE, DatasetConfig, parse_hostport, parse_size
 from replicator.daemon import lock_state_dir, notify, serve
 from replicator.errors import UsageError
-from replicator.observe.http import HttpServer, json_route
+from replicator.observe.http import json_route, serving
 from replicator.observe.metrics import agent_metrics_route
 from replicator.receiver.receiver import Receiver
 
@@ -77,23 +77,19 @@ def run(args: argparse.Namespace) -> int:
     receiver = Receiver(state / "receiver", lambda s, d: dst)
 
     async def main() -> None:
-        http = None
         try:
             port = await receiver.start("127.0.0.1:0")
             agent = Agent(SOURCE_ID, f"127.0.0.1:{port}", state / "agent",
                           (DatasetConfig(DATASET, "directory", src, tuple(args.exclude)),),
                           block_size=block_size, rescan_interval=args.rescan_interval)
-            if args.http:
-                http = HttpServer(args.http, {"/status": json_route(receiver.status_document),
-                                              "/agent/status": json_route(agent.status_document),
-                                              "/metrics": agent_metrics_route(agent)})
-                await http.start()
-            task = asyncio.ensure_future(agent.run())
-            notify("READY=1")
-            await task
+            routes = {"/status": json_route(receiver.status_document),
+                      "/agent/status": json_route(agent.status_document),
+                      "/metrics": agent_metrics_route(agent)}
+            async with serving(args.http, routes):
+                task = asyncio.ensure_future(agent.run())
+                notify("READY=1")
+                await task
         finally:
-            if http is not None:
-                await http.stop()
             await receiver.stop()
 
     return serve(main)

@@ -9,7 +9,7 @@ import logging
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_receiver
 from replicator.daemon import lock_state_dir, notify, serve, server_credentials
-from replicator.observe.http import HttpServer, json_route
+from replicator.observe.http import json_route, serving
 from replicator.receiver.receiver import Receiver
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,12 @@ def run(args: argparse.Namespace) -> int:
                         require_client_identity=bool(config.tls and config.tls.client_ca))
 
     async def main() -> None:
-        http = None
         try:
             await receiver.start(config.listen, credentials)
-            if config.http:
-                http = HttpServer(config.http, {"/status": json_route(receiver.status_document)})
-                await http.start()
-            notify("READY=1")
-            await asyncio.Event().wait()
+            async with serving(config.http, {"/status": json_route(receiver.status_document)}):
+                notify("READY=1")
+                await asyncio.Event().wait()
         finally:
-            if http is not None:
-                await http.stop()
             await receiver.stop()
 
     return serve(main)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from replicator.config import parse_hostport
 
@@ -74,6 +74,20 @@ async def _respond(writer: asyncio.StreamWriter, code: int, ctype: str, body: by
                  f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
                  "Connection: close\r\n\r\n".encode() + body)
     await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def serving(address: str | None, routes: dict[str, Route]) -> AsyncIterator[None]:
+    """Serves `routes` on `address` for the duration of the block (nothing if None)."""
+    if not address:
+        yield
+        return
+    server = HttpServer(address, routes)
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop()
 
 
 def json_route(doc: Callable[[], object]) -> Route:
