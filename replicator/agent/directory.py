@@ -285,8 +285,11 @@ class DirectorySource:
             if not (self.full_rescan or self.dirty):
                 self._update_state()
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation
+                # that arrives as the event is set, and this loop then never stops
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 continue
             try:
                 self._check_root()

@@ -275,7 +275,8 @@ class Link:
             async with self._write_lock:
                 await call.write(pb.AgentMessage(heartbeat=hb))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heartbeat_due.wait(), HEARTBEAT_INTERVAL)
+                async with asyncio.timeout(HEARTBEAT_INTERVAL):
+                    await self._heartbeat_due.wait()
 
 
 def _frame_size(f: Frame) -> int:

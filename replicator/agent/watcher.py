@@ -342,7 +342,8 @@ class Watcher:
             self._wakeup.clear()
             timeout = None if nxt is None else max(0.0, nxt - now)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     # ---- coalescing (on the loop)
 
