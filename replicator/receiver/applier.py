@@ -19,6 +19,17 @@ Replay must end exactly where an uninterrupted apply would; that holds because:
   commit covers that LSN. On replay a patch whose keep link exists is installed from it
   (after checking its digest); one without was never applied, and then no later record
   was either, so the mirror holds exactly its base.
+- A patch of a big file (INPLACE_MIN_BYTES and more) is written into the mirror's file in
+  place instead: copying a 1 GiB file to change 1% of it would cost more than the rest of
+  the resync. Only records that are complete in the journal and not aborted are patched in
+  place, never a file with other links (a keep link), and such a record is a group of its
+  own (commit before, apply, commit). A crash in the middle leaves that one file torn, and
+  replay starts with that record alone, over a file that differs from the record's base
+  only in the blocks the record itself writes: writing them all again (the journal holds
+  every one) and cutting the file to its size ends where the uninterrupted apply would.
+  The price: while such a record is being applied (and until the receiver has restarted
+  after a crash in it) a reader of the mirror can see that file half patched. The mirror
+  at rest, and anything promoted (which applies the journal first), is always whole.
 - MKDIR, SYMLINK, SETATTR and DELETE set a state regardless of what is there: replaying them
   in order converges. A run of DELETEs is still fenced by commits on both sides, so that
   after a crash only deletes can be replayed over state newer than they are.
@@ -70,6 +81,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RECORDS = 5000     # records per group (one syncfs + one manifest commit)
 DEFAULT_MAX_SECONDS = 0.1      # wall time per group: bounds the applied-ack latency
+INPLACE_MIN_BYTES = 8 << 20    # patches of files this big are applied in place
 
 # errors counter kinds
 ERR_BASE = "base_mismatch"
@@ -221,8 +233,9 @@ class Applier:
     """
 
     def __init__(self, journal: Journal, mirror: Mirror, manifest: Manifest, keep_dir: Path,
-                 *, label: str = "") -> None:
+                 *, label: str = "", inplace_min_bytes: int = INPLACE_MIN_BYTES) -> None:
         self.journal = journal
+        self.inplace_min_bytes = inplace_min_bytes
         self.mirror = mirror
         self.manifest = manifest
         self.keep_dir = keep_dir
@@ -242,6 +255,7 @@ class Applier:
         self._first_seen: list[float] = []
         self._dirty_dirs: set[str] = set()
         self._deletes_pending = False
+        self._in_place = False   # the record being applied patches its file in place
         # Keep links left by a crash: the patches of the last group that did get applied.
         self._replay_keeps = self._keep_lsns()
         self._last_hashes = b""
@@ -314,6 +328,12 @@ class Applier:
             if self._deletes_pending:
                 self._commit()
             applied = self._apply_file(reader, h)
+            if self._in_place:
+                # a barrier: only ever replayed as the last record of its group
+                self._in_place = False
+                self._done(lsn, h, applied)
+                self._commit()
+                return
         else:
             end = reader.end()
             if end.aborted:
@@ -420,6 +440,14 @@ class Applier:
                 self.manifest.delete_tree(h.path)
                 self._resync(ERR_BASE, h.path, reason)
                 return False
+            assert old is not None
+            if old.size >= self.inplace_min_bytes and not self._aborted(lsn):
+                try:
+                    fd = self.mirror.open_patch(h.path)
+                except FileNotFoundError:
+                    fd = None  # the copy below finds it missing too and says so
+                if fd is not None:
+                    return self._patch_in_place(fd, reader, h, old)
             try:
                 fd, staged = self.mirror.stage_copy(h.path)
             except FileNotFoundError:
@@ -455,6 +483,45 @@ class Applier:
         except BaseException:
             self.mirror.discard_staged(staged)
             raise
+        self._put_file(h, self._last_hashes, end.digest)
+        return True
+
+    def _aborted(self, lsn: int) -> bool:
+        """Whether record `lsn` (complete in the journal) ends aborted: read ahead to its
+        End without decoding the blocks on the way."""
+        entries = self.journal.entries(lsn, lsn)
+        try:
+            for entry in entries:
+                if entry.lsn == lsn and entry.kind == EntryKind.END:
+                    end = decode_frame(entry.payload).body
+                    return not isinstance(end, End) or end.aborted
+        finally:
+            entries.close()  # type: ignore[attr-defined]
+        return True  # no end: the reader will say what is wrong
+
+    def _patch_in_place(self, fd: int, reader: _RecordReader, h: Header,
+                        old: ManifestEntry) -> bool:
+        """Writes the record's blocks into the mirror's file itself; see the module doc."""
+        assert h.attrs is not None
+        self._commit()  # nothing before this record is replayed after it
+        self._in_place = True
+        try:
+            try:
+                digest_ok = self._write_blocks(fd, reader, h, old)
+                end = reader.end()
+                if not digest_ok(end.digest):
+                    raise _Resync(ERR_DIGEST, h.path, "digest does not match after patching "
+                                  "in place")
+                self.mirror.set_attrs_fd(fd, h.attrs)
+            finally:
+                os.close(fd)
+        except _Resync as r:
+            # the file is neither its base nor the result: never leave it looking valid
+            self.mirror.delete(h.path)
+            self.manifest.delete_tree(h.path)
+            self._dirty_dirs.add(_parent(h.path))
+            self._resync(r.kind, r.path, str(r))
+            return False
         self._put_file(h, self._last_hashes, end.digest)
         return True
 
@@ -634,6 +701,7 @@ class Applier:
 
     def _fail(self, h: Header | None, e: Exception) -> None:
         lsn = self._done_lsn + 1  # records go strictly in order: the failed one is next
+        self._in_place = False
         if isinstance(e, PathRefused):
             kind = ERR_PATH
         elif isinstance(e, ProtocolError):

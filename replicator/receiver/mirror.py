@@ -13,7 +13,8 @@ symlinks verbatim: a replicated `a -> /etc` must never turn a later `a/passwd` i
   unlinks symlinks rather than entering them.
 - New content is staged in `staging_dir` (on the same file system) and renamed into place,
   so a reader sees the old file or the new one, never a mix. Symlinks are made there too,
-  then renamed: a crash never leaves a temporary name inside the mirror.
+  then renamed: a crash never leaves a temporary name inside the mirror. The one
+  exception is `open_patch`, for the applier's in-place patches of big files (applier.py).
 - Resolving every component for every file is most of the cost of a small file, so the
   fds of recently used parent directories are cached by their relative path. A cached fd
   is only ever a directory reached by the walk above, and the cache is emptied by every
@@ -67,6 +68,7 @@ _NS_LIMIT = 2**63           # utimensat's time_t seconds, with room: an int64 of
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO that somehow sits in the mirror must not hang the applier.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_PATCH_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NOT_SUPPORTED = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 # copy_file_range refuses some pairs of files (old kernels, special files): use read/write.
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, *_NOT_SUPPORTED})
@@ -193,6 +195,19 @@ class Mirror:
         FileNotFoundError if missing; PathRefused if it is a symlink or not a regular file.
         """
         return self._open_regular(_split(path), path)
+
+    def open_patch(self, path: str) -> int | None:
+        """An O_RDWR fd of the regular file at `path`, to patch it in place; the caller
+        closes it. None if the file has other hard links (a keep link, say), which an
+        in-place write would change too.
+
+        FileNotFoundError if missing; PathRefused if it is a symlink or not a regular file.
+        """
+        fd = self._open_regular(_split(path), path, _PATCH_FLAGS)
+        if os.fstat(fd).st_nlink != 1:
+            os.close(fd)
+            return None
+        return fd
 
     def walk(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every entry below the root as (relative path, lstat), parents before children.
@@ -528,13 +543,14 @@ class Mirror:
         for fd in dirs.values():
             os.close(fd)
 
-    def _open_regular(self, parts: tuple[bytes, ...], path: str) -> int:
+    def _open_regular(self, parts: tuple[bytes, ...], path: str,
+                      flags: int = _FILE_FLAGS) -> int:
         try:
             dfd = self._open_parent(parts, path, create=False)
         except FileNotFoundError:
             raise _missing(path) from None
         try:
-            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+            fd = os.open(parts[-1], flags, dir_fd=dfd)
         except FileNotFoundError:
             raise _missing(path) from None
         except OSError as e:

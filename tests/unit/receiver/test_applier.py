@@ -128,9 +128,14 @@ def data(n: int, seed: int = 1) -> bytes:
 # ---- environment ----------------------------------------------------------------------
 
 
+COPY = 1 << 62   # no file is that big: every patch goes through a copy
+IN_PLACE = 0     # every patch is applied in place
+
+
 @dataclass
 class Env:
     root: Path
+    inplace_min: int = COPY
 
     def __post_init__(self) -> None:
         self.state = self.root / "state"
@@ -145,7 +150,7 @@ class Env:
         self.journal.open(self.manifest.applied_lsn)
         self.mirror = Mirror(self.mirror_dir, self.state / "staging")
         self.applier = Applier(self.journal, self.mirror, self.manifest, self.state / "keep",
-                               label="src/ds")
+                               label="src/ds", inplace_min_bytes=self.inplace_min)
 
     def close(self) -> None:
         self.journal.close()
@@ -262,16 +267,82 @@ OLD = data(5 * BS + 100, seed=1)
     pytest.param(b"", (), id="truncate-to-empty"),
     pytest.param(OLD[:BS] + b"\0" * BS + OLD[2 * BS:], (), id="block-zeroed"),
 ])
-def test_patch(env: Env, new: bytes, omit: tuple[int, ...]) -> None:
-    env.add(new_file(1, "f", OLD), patch(2, "f", OLD, new, mode=0o600, mtime=T0 + 2, omit=omit))
+@pytest.mark.parametrize("inplace_min", [COPY, IN_PLACE], ids=["copy", "in-place"])
+def test_patch(tmp_path: Path, new: bytes, omit: tuple[int, ...], inplace_min: int) -> None:
+    env = Env(tmp_path, inplace_min)
+    env.add(new_file(1, "f", OLD))
+    env.apply()
+    ino = env.path("f").stat().st_ino
+    env.add(patch(2, "f", OLD, new, mode=0o600, mtime=T0 + 2, omit=omit))
     assert env.apply() == 2
     assert env.read("f") == new
+    assert (env.path("f").stat().st_ino == ino) == (inplace_min == IN_PLACE)
     st = env.path("f").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, T0 + 2)
     e = env.manifest.get("f")
     assert e is not None and (e.digest, e.hashes, e.size) == (digest_of(new), hashes_of(new),
                                                               len(new))
     assert env.applier.resync_paths == [] and not env.applier.errors
+    env.close()
+
+
+def test_patch_in_place_only_from_the_size_on(tmp_path: Path) -> None:
+    small, big = data(2 * BS, seed=40), data(8 * BS, seed=41)
+    env = Env(tmp_path, inplace_min=4 * BS)
+    env.add(new_file(1, "small", small), new_file(2, "big", big))
+    env.apply()
+    inos = {p: env.path(p).stat().st_ino for p in ("small", "big")}
+    new_small = small[:BS] + b"changed"
+    new_big = big[:BS] + b"changed" + big[BS + 7:]
+    env.add(patch(3, "small", small, new_small), patch(4, "big", big, new_big))
+    env.apply()
+    assert env.read("small") == new_small and env.read("big") == new_big
+    assert env.path("small").stat().st_ino != inos["small"]   # copied and renamed
+    assert env.path("big").stat().st_ino == inos["big"]       # written in place
+    assert os.listdir(env.state / "keep") == [] and os.listdir(env.state / "staging") == []
+    env.close()
+
+
+def test_aborted_patch_leaves_the_file_alone_in_place_too(tmp_path: Path) -> None:
+    env = Env(tmp_path, IN_PLACE)
+    old = data(4 * BS, seed=42)
+    new = data(4 * BS, seed=43)
+    env.add(new_file(1, "f", old), aborted(patch(2, "f", old, new)), new_file(3, "g", b"g"))
+    assert env.apply() == 3
+    assert env.read("f") == old and env.applier.error is None
+    env.close()
+
+
+def test_corrupt_block_in_place_removes_the_torn_file_and_asks_for_it(tmp_path: Path) -> None:
+    env = Env(tmp_path, IN_PLACE)
+    old, new = data(3 * BS, seed=44), data(3 * BS, seed=45)
+    r = patch(2, "f", old, new)
+    bad = r.blocks[1]
+    r.blocks[1] = Block(bad.index, Codec.RAW, bad.raw_len, b"\xff" * bad.raw_len)
+    env.add(new_file(1, "f", old), r, new_file(3, "g", b"g"))
+    assert env.apply() == 3
+    # neither the old file nor the new: it must not stay looking like either
+    assert not env.path("f").exists() and env.manifest.get("f") is None
+    assert env.applier.resync_paths == ["f"] and env.applier.errors["digest_mismatch"] == 1
+    assert env.read("g") == b"g" and env.applier.error is None
+    env.add(new_file(4, "f", new))
+    env.apply()
+    assert env.read("f") == new
+    env.close()
+
+
+def test_a_hard_linked_file_is_patched_through_a_copy(tmp_path: Path) -> None:
+    env = Env(tmp_path, IN_PLACE)
+    old = data(3 * BS, seed=46)
+    new = old[:BS] + b"new" + old[BS + 3:]
+    env.add(new_file(1, "f", old))
+    env.apply()
+    os.link(env.path("f"), env.outside / "other-link")
+    env.add(patch(2, "f", old, new))
+    env.apply()
+    assert env.read("f") == new
+    assert (env.outside / "other-link").read_bytes() == old   # never written through
+    env.close()
 
 
 def test_patch_keeps_what_was_not_sent(env: Env) -> None:
@@ -640,6 +711,32 @@ def crash_at_install(e: Env, nth: int) -> Callable[[], None]:
     return work
 
 
+def crash_in_place(e: Env, nth: int) -> Callable[[], None]:
+    """Apply everything in one go and die at the nth block written by an in-place patch,
+    after writing it, or just before it when nth is negative."""
+    import replicator.receiver.applier as applier_mod
+
+    def work() -> None:
+        e.open()
+        calls = 0
+        real = applier_mod._pwrite_all
+
+        def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+            nonlocal calls
+            if e.applier._in_place:
+                calls += 1
+                if calls == -nth:
+                    kill_self()
+                real(fd, data, offset)
+                if calls == nth:
+                    kill_self()
+            else:
+                real(fd, data, offset)
+        applier_mod._pwrite_all = pwrite_all  # type: ignore[assignment]
+        e.applier.apply_upto(N, max_records=N, max_seconds=60)
+    return work
+
+
 def finish_and_compare(e: Env, reference: tuple[object, ...]) -> None:
     e.open()
     e.applier.recover()
@@ -731,3 +828,34 @@ def test_throughput_one_big_file(env: Env) -> None:
     dt = time.perf_counter() - t
     print(f"\napply one 1 GiB file: {dt:.2f} s, {size / dt / 1e6:.0f} MB/s")
     assert env.applier.error is None and env.path("big").stat().st_size == size
+
+
+@pytest.mark.parametrize("durable, crash", CRASH_POINTS)
+def test_crash_before_commit_with_patches_in_place(tmp_path: Path,
+                                                   reference: tuple[object, ...],
+                                                   durable: int, crash: int) -> None:
+    e = Env(tmp_path, IN_PLACE)
+    try:
+        e.add(*CRASH_SEQ)
+        e.close()
+        run_child(crash_at_commit(e, durable, crash))
+        finish_and_compare(e, reference)
+    finally:
+        e.close()
+
+
+IN_PLACE_WRITES = 17  # blocks that CRASH_SEQ's patches write when all go in place
+
+
+@pytest.mark.parametrize("nth", [n for i in range(1, IN_PLACE_WRITES + 1) for n in (i, -i)])
+def test_crash_inside_an_in_place_patch_then_recover(tmp_path: Path,
+                                                     reference: tuple[object, ...],
+                                                     nth: int) -> None:
+    e = Env(tmp_path, IN_PLACE)
+    try:
+        e.add(*CRASH_SEQ)
+        e.close()
+        assert run_child(crash_in_place(e, nth)) == signal.SIGKILL
+        finish_and_compare(e, reference)
+    finally:
+        e.close()
