@@ -33,7 +33,7 @@ import logging
 import os
 import stat as st_mod
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,9 @@ from replicator.agent.index import (
     View,
 )
 from replicator.agent.link import Announce, Disconnected, Link
-from replicator.agent.reader import FileReader, FileState, TornRead, read_state
+from replicator.agent.reader import FileReader, FileState, TornRead, prefetch, read_state
 from replicator.agent.scanner import scan, scan_subtree
+from replicator.agent.unapplied import Unapplied
 from replicator.agent.watcher import RESCAN, Watcher
 from replicator.config import DatasetConfig
 from replicator.core.records import Attrs, Base, End, Frame, Header, Op
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 INLINE_READ_MAX = 256 * 1024   # files up to this size are read on the event loop
 RESCAN_CHUNK = 512              # entries handed from the scanning thread at a time
+PREFETCH_MIN_FILES = 8          # fewer files to read than this: not worth a thread
 TORN_RETRY_DELAY = 0.05         # seconds before a file that changed while read is read again
 GUARD_RETRY_INTERVAL = 2.0      # seconds between checks of an unsafe root
 DELETE_GRACE = 0.1              # a vanished path waits this long: it may be a rename...
@@ -115,8 +117,8 @@ class DirectorySource:
         self.error: str | None = None
         self.next_lsn = self.index.acked_lsn + 1
         self.written_lsn = self.flushed_lsn = self.applied_lsn = self.index.acked_lsn
-        # first-seen time and raw bytes of every record not yet applied, by LSN
-        self.unapplied: dict[int, tuple[float, int]] = {}
+        # first-seen time and raw bytes of every record not yet applied
+        self.unapplied = Unapplied()
         self.dirty: dict[str, float] = {}
         self.held: dict[str, float] = {}   # deletions waiting out DELETE_GRACE
         self.force_whole: set[str] = set()
@@ -147,11 +149,10 @@ class DirectorySource:
             self.view.reset()
         else:
             self.view.rewind(flushed)
-        lost = [fs for lsn, (fs, _) in self.unapplied.items() if lsn > flushed]
+        lost = self.unapplied.oldest_after(flushed)
         if lost:
-            self.rescan_first_seen = min(lost + [self.rescan_first_seen or lost[0]])
-        self.unapplied = {k: v for k, v in self.unapplied.items()
-                          if position.applied_lsn < k <= flushed}
+            self.rescan_first_seen = min(lost, self.rescan_first_seen or lost)
+        self.unapplied.keep(position.applied_lsn, flushed)
         self.next_lsn = flushed + 1
         self.written_lsn = self.flushed_lsn = flushed
         self.applied_lsn = position.applied_lsn
@@ -167,11 +168,7 @@ class DirectorySource:
         self.written_lsn = max(self.written_lsn, ack.written_lsn)
         if ack.applied_lsn > self.applied_lsn:
             self.applied_lsn = ack.applied_lsn
-            while self.unapplied:  # LSN order: drop from the front
-                lsn = next(iter(self.unapplied))
-                if lsn > ack.applied_lsn:
-                    break
-                del self.unapplied[lsn]
+            self.unapplied.drop_through(ack.applied_lsn)
         if ack.error:
             self._log_error("receiver", f"receiver cannot apply: {ack.error}")
         now = time.time()
@@ -213,24 +210,21 @@ class DirectorySource:
         dirty_first = min([*self.dirty.values(), *self.held.values()], default=0.0)
         if self.full_rescan and self.rescan_first_seen:
             dirty_first = min(dirty_first or self.rescan_first_seen, self.rescan_first_seen)
-        records = list(self.unapplied.items())
-        if self.current is not None:
-            records.append((self.next_lsn, self.current))
+        # the record being sent is past every position
+        current_seen, current_bytes = self.current or (0.0, 0)
 
         def oldest(after: int) -> float:
-            times = [fs for lsn, (fs, _) in records if lsn > after and fs]
-            if dirty_first:
-                times.append(dirty_first)
-            return min(times, default=0.0)
+            times = (self.unapplied.oldest_after(after), current_seen, dirty_first)
+            return min((t for t in times if t), default=0.0)
 
         return pb.DatasetLag(
             state=self.state, error=self.error or "", last_lsn=self.next_lsn - 1,
             oldest_unwritten_at=oldest(self.written_lsn),
             oldest_unflushed_at=oldest(self.flushed_lsn),
             oldest_unapplied_at=oldest(self.applied_lsn),
-            pending_bytes=sum(b for _, (_, b) in records),
-            pending_changes=(len(self.dirty) + len(self.held) + len(records)
-                             + (1 if self.full_rescan else 0)),
+            pending_bytes=self.unapplied.bytes + current_bytes,
+            pending_changes=(len(self.dirty) + len(self.held) + len(self.unapplied)
+                             + (self.current is not None) + self.full_rescan),
         )
 
     def _caught_up(self) -> bool:
@@ -354,14 +348,17 @@ class DirectorySource:
         started = time.monotonic()
         seen: set[str] = set()
         try:
-            async for path, st in _in_thread(scan(self.root, self.excludes)):
-                seen.add(path)
-                parent = parent_of(path)
-                if parent and self.view.get(parent) is None:
-                    # the scan ran ahead of a change: the parent was gone by the time we
-                    # looked at it, so this entry is stale too; the watcher reports the move
-                    continue
-                await self._examine(generation, path, st, first_seen, descend=False)
+            async for chunk in _chunks_in_thread(scan(self.root, self.excludes)):
+                self._prefetch(chunk)
+                for path, st in chunk:
+                    seen.add(path)
+                    parent = parent_of(path)
+                    if parent and self.view.get(parent) is None:
+                        # the scan ran ahead of a change: the parent was gone by the time
+                        # we looked at it, so this entry is stale too; the watcher reports
+                        # the move
+                        continue
+                    await self._examine(generation, path, st, first_seen, descend=False)
             gone = sorted(p for p in self.view.paths() if p not in seen)
             if gone:
                 self._check_root()
@@ -385,6 +382,7 @@ class DirectorySource:
                     missing[path] = first_seen
                     continue
                 existing[path] = (st, first_seen)
+            self._prefetch([(path, st) for path, (st, _) in existing.items()])
             for path in sorted(existing, key=depth):
                 st, first_seen = existing[path]
                 await self._examine(generation, path, st, first_seen, descend=True)
@@ -475,6 +473,20 @@ class DirectorySource:
             pass  # gone meanwhile: its deletion event follows
         except OSError as e:
             self._log_error(path, f"cannot read {path!r}: {e.strerror or e}")
+
+    def _prefetch(self, entries: list[tuple[str, os.stat_result]]) -> None:
+        """Starts the disk reads of the small files among `entries` that will be read
+        inline (new or changed ones), in a worker thread; see reader.prefetch."""
+        wanted: list[str | os.PathLike[str]] = []
+        for path, st in entries:
+            if not (st_mod.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_READ_MAX):
+                continue
+            e = self.view.get(path)
+            if (e is None or e.kind != KIND_FILE or e.size != st.st_size
+                    or e.mtime_ns != st.st_mtime_ns or e.ino != st.st_ino):
+                wanted.append(self.root / path)
+        if len(wanted) >= PREFETCH_MIN_FILES:
+            asyncio.get_running_loop().run_in_executor(None, prefetch, wanted)
 
     def _known(self, path: str) -> bool:
         """The receiver has something at `path`: an entry, or entries below it."""
@@ -683,7 +695,7 @@ class DirectorySource:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("record dataset=%s lsn=%d mutations=%s", self.name, lsn, mutations)
         self.view.record(lsn, mutations)
-        self.unapplied[lsn] = (self.current[0] if self.current else time.time(), raw_bytes)
+        self.unapplied.add(lsn, self.current[0] if self.current else time.time(), raw_bytes)
         self.current = None
         self.next_lsn = lsn + 1
         self.records_sent += 1
@@ -806,7 +818,8 @@ def _attrs_differ(entry: Entry | None, st: os.stat_result, xdigest: bytes,
     return entry.xattr_digest != xdigest
 
 
-async def _in_thread(it: Iterator[tuple[str, os.stat_result]]):  # type: ignore[no-untyped-def]
+async def _chunks_in_thread(it: Iterator[tuple[str, os.stat_result]]
+                            ) -> AsyncIterator[list[tuple[str, os.stat_result]]]:
     """Runs a blocking scan in a worker thread, handing entries over in chunks."""
 
     def take() -> list[tuple[str, os.stat_result]]:
@@ -821,5 +834,12 @@ async def _in_thread(it: Iterator[tuple[str, os.stat_result]]):  # type: ignore[
         chunk = await asyncio.to_thread(take)
         if not chunk:
             return
+        yield chunk
+
+
+async def _in_thread(it: Iterator[tuple[str, os.stat_result]]
+                     ) -> AsyncIterator[tuple[str, os.stat_result]]:
+    """`_chunks_in_thread`, an entry at a time."""
+    async for chunk in _chunks_in_thread(it):
         for item in chunk:
             yield item
