@@ -596,6 +596,7 @@ class Applier:
             if common and block_length(common - 1, old.size, bs) != \
                     block_length(common - 1, size, bs):
                 stale = common - 1
+        sized = False  # a new file that its last block gave its full size already
         for block in reader.blocks():
             i = block.index
             if not 0 <= i < n or block.raw_len != block_length(i, size, bs):
@@ -609,10 +610,12 @@ class Applier:
                 data = decode_block(block.codec, block.raw_len, block.data, bs)
                 _pwrite_all(fd, data, i * bs)
                 h_i = block_hash(data)
+                sized = sized or (old is None and i == n - 1)
             hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h_i
             if i == stale:
                 stale = -1
-        os.ftruncate(fd, size)
+        if not sized:
+            os.ftruncate(fd, size)
         if stale >= 0:
             # The old last block, now longer (or shorter) and not sent: rehash it as is.
             data = os.pread(fd, block_length(stale, size, bs), stale * bs)
@@ -678,10 +681,10 @@ class Applier:
         self._dirty_dirs.add(_parent(h.path))
 
     def _replace_entry(self, entry: ManifestEntry, *, dir_ok: bool = False) -> None:
-        old = self.manifest.get(entry.path)
-        if old is not None and old.kind == "dir" and not dir_ok:
-            self.manifest.delete_tree(entry.path)  # the mirror replaced the whole tree
-        self.manifest.put(entry)
+        if dir_ok:
+            self.manifest.put(entry)  # a directory stays one: what is below it stays
+        else:
+            self.manifest.put_replacing(entry)  # a directory there: the mirror replaced it
 
     def _keep(self, staged: str, lsn: int) -> None:
         keep = self.keep_dir / str(lsn)
