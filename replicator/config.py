@@ -47,6 +47,8 @@ class MqttConfig:
     port: int = 1883
     username: str | None = None
     password: str | None = None
+    name: str | None = None    # the receiver's name in its online topic (default: hostname)
+    secure: bool = False       # mqtts://: TLS, verified against the system's CAs
 
 
 @dataclass(frozen=True)
@@ -231,9 +233,13 @@ def _mqtt(file: str, data: dict[str, Any]) -> MqttConfig | None:
                  url)
     if not m:
         raise r.fail("url", f"{url!r} must look like mqtt://host:1883")
+    if m.group(4) and not 0 < int(m.group(4)) <= 65535:
+        raise r.fail("url", f"{url!r} has no valid port")
+    name = r.name("name", required=False)
     r.check_unknown()
     return MqttConfig(url=url, topic_prefix=prefix.rstrip("/"), host=m.group(3).strip("[]"),
-                      port=int(m.group(4) or 1883), username=m.group(1), password=m.group(2))
+                      port=int(m.group(4) or 1883), username=m.group(1), password=m.group(2),
+                      name=name, secure=url.startswith("mqtts:"))
 
 
 def _datasets(file: str, data: dict[str, Any]) -> tuple[DatasetConfig, ...]:

@@ -10,9 +10,11 @@ sites therefore never enters the figures.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
+CLOCK_WINDOW = 60   # heartbeats (about a minute) over which the agent's clock is estimated
 STATES = ("starting", "catching_up", "streaming", "disconnected", "fenced", "promoted", "error")
 
 
@@ -31,12 +33,39 @@ class AgentLag:
     agent_time: float = 0.0            # the agent's clock when it measured the above
     received_mono: float = field(default_factory=time.monotonic)  # receiver's clock
 
+    # agent clock minus our monotonic clock, the best estimate over recent heartbeats (see
+    # ClockOffset); None: from this heartbeat alone
+    clock_offset: float | None = None
+
+    def agent_now(self, now_mono: float | None = None) -> float:
+        """The agent's clock now, estimated on our monotonic clock."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        if self.clock_offset is not None:
+            return now_mono + self.clock_offset
+        return self.agent_time + max(0.0, now_mono - self.received_mono)
+
     def age(self, oldest_at: float, now_mono: float | None = None) -> float:
         """Seconds since `oldest_at` (agent clock), carried forward on the local clock."""
         if not oldest_at:
             return 0.0
-        now_mono = time.monotonic() if now_mono is None else now_mono
-        return max(0.0, self.agent_time - oldest_at) + max(0.0, now_mono - self.received_mono)
+        return max(0.0, self.agent_now(now_mono) - oldest_at)
+
+
+class ClockOffset:
+    """The agent's clock relative to our monotonic clock, from heartbeats.
+
+    A heartbeat that waited in transit (a stalled receiver reads a backlog of them) makes
+    the agent's clock look earlier than it is, never later: the largest offset of the
+    recent heartbeats is the one with the least delay, as NTP's minimum-delay filter has
+    it. Only recent ones count, so that a stepped clock is followed within a window.
+    """
+
+    def __init__(self, window: int = CLOCK_WINDOW) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def update(self, agent_time: float, received_mono: float) -> float:
+        self._recent.append(agent_time - received_mono)
+        return max(self._recent)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from replicator.agent.link import Link
 from replicator.config import AgentConfig, DatasetConfig
 from replicator.errors import ConfigError
 from replicator.lag import DatasetStatus, status_document
+from replicator.observe.metrics import ChangeLatency, DatasetCounters
 
 
 class Agent:
@@ -68,3 +69,17 @@ class Agent:
 
     def status_document(self) -> dict[str, object]:
         return status_document("agent", __version__, self.status_rows())
+
+    def connected(self) -> dict[str, bool]:
+        return {self.source_id: self.link.connected.is_set()}
+
+    def counters(self) -> list[DatasetCounters]:
+        return [DatasetCounters(self.source_id, s.name, raw_bytes=s.raw_bytes_sent,
+                                wire_bytes=self.link.dataset_bytes[s.dataset],
+                                records=s.records_sent, errors=dict(s.error_kinds))
+                for s in self.sources]
+
+    def measure_latency(self, latency: ChangeLatency) -> None:
+        """Feed `latency` from the receiver's applied acks (on this agent's clock)."""
+        for s in self.sources:
+            s.observe_latency = latency.observer(self.source_id, s.name)

@@ -33,7 +33,8 @@ import logging
 import os
 import stat as st_mod
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,10 @@ class DirectorySource:
         self.records_sent = 0
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
+        # by kind (read, xattr, receiver), never forgotten: replicator_errors_total
+        self.error_kinds: Counter[str] = Counter()
+        # change latency on the agent's clock: first seen -> the receiver's applied ack
+        self.observe_latency: Callable[[float], None] | None = None
         self.watcher: Watcher | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._root_dev: int | None = None
@@ -168,9 +173,13 @@ class DirectorySource:
         self.written_lsn = max(self.written_lsn, ack.written_lsn)
         if ack.applied_lsn > self.applied_lsn:
             self.applied_lsn = ack.applied_lsn
-            self.unapplied.drop_through(ack.applied_lsn)
+            applied = self.unapplied.drop_through(ack.applied_lsn)
+            if self.observe_latency is not None:
+                now = time.time()
+                for first_seen in applied:
+                    self.observe_latency(max(0.0, now - first_seen))
         if ack.error:
-            self._log_error("receiver", f"receiver cannot apply: {ack.error}")
+            self._log_error("receiver", "receiver", f"receiver cannot apply: {ack.error}")
         now = time.time()
         for raw in ack.resync_paths:
             path = os.fsdecode(raw)
@@ -472,7 +481,7 @@ class DirectorySource:
         except FileNotFoundError:
             pass  # gone meanwhile: its deletion event follows
         except OSError as e:
-            self._log_error(path, f"cannot read {path!r}: {e.strerror or e}")
+            self._log_error("read", path, f"cannot read {path!r}: {e.strerror or e}")
 
     def _prefetch(self, entries: list[tuple[str, os.stat_result]]) -> None:
         """Starts the disk reads of the small files among `entries` that will be read
@@ -750,11 +759,12 @@ class DirectorySource:
                 n.encode("utf-8")
                 good.append(n)
             except UnicodeEncodeError:
-                self._log_error(f"xattr:{n!r}", f"extended attribute {n!r} of {target} is "
-                                "not UTF-8 and is not replicated")
+                self._log_error("xattr", f"xattr:{n!r}", f"extended attribute {n!r} of "
+                                f"{target} is not UTF-8 and is not replicated")
         return good
 
-    def _log_error(self, key: str, message: str) -> None:
+    def _log_error(self, kind: str, key: str, message: str) -> None:
+        self.error_kinds[kind] += 1
         if len(self._error_logged) > ERROR_KEYS_MAX:  # memory stays bounded: forget old ones
             self._error_logged.clear()
             self.errors.clear()

@@ -50,16 +50,22 @@ class Unapplied:
         self._lsns.append(lsn)
         self._seen.append(first_seen)
 
-    def drop_through(self, lsn: int) -> None:
-        """Forgets the records up to and including `lsn` (they are applied)."""
+    def drop_through(self, lsn: int) -> list[float]:
+        """Forgets the records up to and including `lsn` (they are applied); returns
+        their known first-seen times."""
         records = self._records
+        seen = []
         while records and records[0][0] <= lsn:
-            self.bytes -= records.popleft()[2]
+            _, first_seen, raw_bytes = records.popleft()
+            self.bytes -= raw_bytes
+            if first_seen:
+                seen.append(first_seen)
         self._head = bisect.bisect_right(self._lsns, lsn, lo=self._head)
         if self._head >= _COMPACT_AT and self._head * 2 >= len(self._lsns):
             del self._lsns[:self._head]
             del self._seen[:self._head]
             self._head = 0
+        return seen
 
     def keep(self, after: int, through: int) -> None:
         """Keeps only the records after `after` and up to `through` (a reconnect: the

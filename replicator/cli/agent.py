@@ -9,8 +9,9 @@ from replicator.agent.agent import Agent
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_agent
 from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
-from replicator.observe.http import json_route, serving
-from replicator.observe.metrics import agent_metrics_route
+from replicator.observe.http import serving
+from replicator.observe.mqtt import publishing
+from replicator.observe.views import agent_registry, daemon_routes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     agent = Agent.from_config(config, channel_credentials(config.tls))
 
     async def main() -> None:
-        routes = {"/status": json_route(agent.status_document),
-                  "/metrics": agent_metrics_route(agent)}
-        async with serving(config.http, routes):
+        routes = daemon_routes(agent.status_document, agent_registry(agent))
+        async with serving(config.http, routes), \
+                publishing(config.mqtt, "agent", config.source_id, agent.status_rows):
             task = asyncio.ensure_future(agent.run())
             notify("READY=1")
             await task

@@ -19,7 +19,7 @@ from replicator.config import DEFAULT_BLOCK_SIZE, DatasetConfig, parse_hostport,
 from replicator.daemon import lock_state_dir, notify, serve
 from replicator.errors import UsageError
 from replicator.observe.http import json_route, serving
-from replicator.observe.metrics import agent_metrics_route
+from replicator.observe.views import daemon_routes, receiver_registry
 from replicator.receiver.receiver import Receiver
 
 SOURCE_ID = "local"
@@ -82,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
             agent = Agent(SOURCE_ID, f"127.0.0.1:{port}", state / "agent",
                           (DatasetConfig(DATASET, "directory", src, tuple(args.exclude)),),
                           block_size=block_size, rescan_interval=args.rescan_interval)
-            routes = {"/status": json_route(receiver.status_document),
-                      "/agent/status": json_route(agent.status_document),
-                      "/metrics": agent_metrics_route(agent)}
+            routes = daemon_routes(receiver.status_document,
+                                   receiver_registry(receiver, agent.counters))
+            routes["/agent/status"] = json_route(agent.status_document)
             async with serving(args.http, routes):
                 task = asyncio.ensure_future(agent.run())
                 notify("READY=1")

@@ -9,7 +9,9 @@ import logging
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_receiver
 from replicator.daemon import lock_state_dir, notify, serve, server_credentials
-from replicator.observe.http import json_route, serving
+from replicator.observe.http import serving
+from replicator.observe.mqtt import publishing
+from replicator.observe.views import daemon_routes, receiver_registry
 from replicator.receiver.receiver import Receiver
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         try:
             await receiver.start(config.listen, credentials)
-            async with serving(config.http, {"/status": json_route(receiver.status_document)}):
+            routes = daemon_routes(receiver.status_document, receiver_registry(receiver))
+            async with serving(config.http, routes), \
+                    publishing(config.mqtt, "receiver", None, receiver.status_rows):
                 notify("READY=1")
                 await asyncio.Event().wait()
         finally:

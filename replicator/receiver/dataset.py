@@ -43,6 +43,10 @@ class ReceiverDataset:
         self.error: str | None = None
         self.storage_error: str | None = None   # the last stream failed on our own storage
         self.on_applied: Callable[[ReceiverDataset], None] | None = None
+        self.wire_bytes = 0          # frame bytes received, for metrics
+        self.records_applied = 0
+        self.observe_latency: Callable[[float], None] | None = None
+        self.applier.on_applied = self._applied_records
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -79,6 +83,22 @@ class ReceiverDataset:
         self.journal.close()
         self.mirror.close()
         self.manifest.close()
+
+    def _applied_records(self, applied_lsn: int, first_seen: list[float]) -> None:
+        """After each durable commit of the applier (in its worker thread).
+
+        Latency is measured on the agent's clock, carried forward from its last heartbeat,
+        as every lag is: the first-seen times are the agent's, and the clocks may differ.
+        Records replayed before any agent spoke to us have no clock to compare with.
+        """
+        self.records_applied += len(first_seen)
+        lag = self.agent_lag
+        if self.observe_latency is None or lag is None or not first_seen:
+            return
+        now = lag.agent_now()
+        for at in first_seen:
+            if at:
+                self.observe_latency(max(0.0, now - at))
 
     def flushed(self) -> None:
         """Called after a group commit: there may be records to apply."""

@@ -22,6 +22,7 @@ from replicator import __version__
 from replicator.config import NAME_RE
 from replicator.errors import ConfigError, ProtocolError
 from replicator.lag import DatasetStatus, status_document
+from replicator.observe.metrics import ChangeLatency, DatasetCounters
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.service import ReplicatorServicer
 from replicator.receiver.session import Session
@@ -50,6 +51,7 @@ class Receiver:
         self.require_client_identity = require_client_identity
         self.mirror_dir = mirror_dir
         self.sources = sources
+        self.latency: ChangeLatency | None = None
         self.datasets: dict[tuple[str, str], ReceiverDataset] = {}
         self.sessions: dict[str, Session] = {}
         self.server: grpc.aio.Server | None = None
@@ -90,6 +92,8 @@ class Receiver:
             tmp.write_text(json.dumps({"source": source, "dataset": name, "type": kind}))
             tmp.replace(meta)
         ds = ReceiverDataset(source, name, kind, self.mirror_dir(source, name), state)
+        if self.latency is not None:
+            ds.observe_latency = self.latency.observer(source, name)
         ds.open()
         ds.start()
         self.datasets[(source, name)] = ds
@@ -158,3 +162,22 @@ class Receiver:
 
     def status_document(self) -> dict[str, object]:
         return status_document("receiver", __version__, self.status_rows())
+
+    def measure_latency(self, latency: ChangeLatency) -> None:
+        """Feed `latency` from every dataset's applier, now and as datasets appear."""
+        self.latency = latency
+        for (source, name), ds in self.datasets.items():
+            ds.observe_latency = latency.observer(source, name)
+
+    def connected(self) -> dict[str, bool]:
+        """Per source that has datasets here: is its agent's stream open?"""
+        out: dict[str, bool] = {}
+        for (source, _), ds in self.datasets.items():
+            out[source] = out.get(source, False) or ds.connected
+        return out
+
+    def counters(self) -> list[DatasetCounters]:
+        return [DatasetCounters(source, name, wire_bytes=ds.wire_bytes,
+                                records=ds.records_applied,
+                                errors=dict(ds.applier.errors))
+                for (source, name), ds in sorted(self.datasets.items())]

@@ -52,7 +52,7 @@ from replicator.core.blocks import (
 from replicator.core.paths import encode_name, split_relpath
 from replicator.core.records import Base, Block, Codec, End, Header, Op
 from replicator.errors import PathRefused, ProtocolError
-from replicator.lag import AgentLag
+from replicator.lag import AgentLag, ClockOffset
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, encode_staged
 from replicator.receiver.mirror import start_writeback
@@ -104,6 +104,7 @@ class Session:
         self._resync: dict[int, list[str]] = {}
         self._wake = asyncio.Event()
         self._stream_bytes = 0
+        self._clock = ClockOffset()
         self._reader: asyncio.Task[None] | None = None
         # One worker thread for the frame work of this session's batches; `_busy` is the
         # batch in it, which a newer stream waits for before it touches the journals.
@@ -262,6 +263,7 @@ class Session:
         open_ = self._open[f.dataset]
         body = frame.body
         kind = _KINDS[f.WhichOneof("body")]
+        ds.wire_bytes += f.ByteSize()
         if kind is EntryKind.HEADER:
             assert isinstance(body, Header)
             _check_header(body, ds.label, frame.lsn)
@@ -337,6 +339,7 @@ class Session:
 
     def _heartbeat(self, hb: pb.Heartbeat) -> None:
         mono = time.monotonic()
+        offset = self._clock.update(hb.agent_time, mono)
         for d in hb.datasets:
             if d.dataset >= len(self.datasets):
                 raise ProtocolError(f"heartbeat for dataset #{d.dataset}")
@@ -345,7 +348,8 @@ class Session:
                 oldest_unwritten_at=d.oldest_unwritten_at,
                 oldest_unflushed_at=d.oldest_unflushed_at,
                 oldest_unapplied_at=d.oldest_unapplied_at, pending_bytes=d.pending_bytes,
-                pending_changes=d.pending_changes, agent_time=hb.agent_time, received_mono=mono)
+                pending_changes=d.pending_changes, agent_time=hb.agent_time, received_mono=mono,
+                clock_offset=offset)
 
     def _applied(self, ds: ReceiverDataset) -> None:
         i = self.datasets.index(ds)

@@ -111,6 +111,8 @@ def test_metrics_count_raw_and_wire_bytes(tmp_path: Path) -> None:
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    from replicator.observe.metrics import METRIC_NAMES
+
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "text").write_bytes(b"all work and no play makes a dull boy\n" * 30_000)
@@ -119,8 +121,11 @@ def test_metrics_count_raw_and_wire_bytes(tmp_path: Path) -> None:
         wait_converged(src, dst)
         with urllib.request.urlopen(url.replace("/status", "/metrics"), timeout=5) as r:
             text = r.read().decode()
-        samples = {(s.name, s.labels.get("stage")): s.value
-                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        families = list(text_string_to_metric_families(text))
+        series = [(s.name, tuple(sorted(s.labels.items()))) for f in families for s in f.samples]
+        assert len(series) == len(set(series)), "agent and receiver in one process: no twins"
+        assert {n.removesuffix("_total") for n in METRIC_NAMES} <= {f.name for f in families}
+        samples = {(s.name, s.labels.get("stage")): s.value for f in families for s in f.samples}
         raw = samples[("replicator_bytes_total", "raw")]
         wire = samples[("replicator_bytes_total", "wire")]
         assert raw == (src / "text").stat().st_size

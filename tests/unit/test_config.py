@@ -88,3 +88,29 @@ def test_missing_file(tmp_path: Path) -> None:
                                              ("512", 512)])
 def test_parse_size(text: str | int, value: int) -> None:
     assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(("mqtt", "expect"), [
+    ('url = "mqtt://127.0.0.1:1883"', ("127.0.0.1", 1883, "replicator", None, False)),
+    ('url = "mqtt://broker"\ntopic_prefix = "site/dr/"', ("broker", 1883, "site/dr", None, False)),
+    ('url = "mqtts://u:p@[::1]:8883"\nname = "dr-1"', ("::1", 8883, "replicator", "dr-1", True)),
+])
+def test_mqtt_ok(tmp_path: Path, mqtt: str, expect: tuple[object, ...]) -> None:
+    c = load_receiver(write(tmp_path, f"{RECEIVER_OK}\n[mqtt]\n{mqtt}\n"))
+    assert c.mqtt is not None
+    assert (c.mqtt.host, c.mqtt.port, c.mqtt.topic_prefix, c.mqtt.name, c.mqtt.secure) == expect
+
+
+@pytest.mark.parametrize(("mqtt", "message"), [
+    ('topic_prefix = "x"', "mqtt.url: is required"),
+    ('url = "http://broker"', "mqtt.url: 'http://broker' must look like mqtt://host:1883"),
+    ('url = "mqtt://broker:99999"', "mqtt.url: 'mqtt://broker:99999' has no valid port"),
+    ('url = "mqtt://b"\ntopic_prefix = "a/#"', "mqtt.topic_prefix"),
+    ('url = "mqtt://b"\nname = "a/b"', "mqtt.name"),
+    ('url = "mqtt://b"\nqos = 2', "mqtt.qos: unknown key"),
+])
+def test_mqtt_bad(tmp_path: Path, mqtt: str, message: str) -> None:
+    path = write(tmp_path, f"{RECEIVER_OK}\n[mqtt]\n{mqtt}\n")
+    with pytest.raises(ConfigError) as e:
+        load_receiver(path)
+    assert str(path) in e.value.message and message in e.value.message

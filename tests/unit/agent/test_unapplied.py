@@ -42,7 +42,7 @@ def test_matches_the_model_under_random_operations(seed: int) -> None:
             next_lsn += 1
         elif op < 0.95:
             applied = rng.randrange(applied, next_lsn)
-            u.drop_through(applied)
+            assert u.drop_through(applied) == [fs for n, fs, _ in m.records if n <= applied and fs]
             m.records = [r for r in m.records if r[0] > applied]
         else:
             through = rng.randrange(applied, next_lsn)
