@@ -19,6 +19,7 @@ from replicator.receiver.applier import Applier, ApplyError
 from replicator.receiver.journal import Journal
 from replicator.receiver.manifest import Manifest
 from replicator.receiver.mirror import Mirror
+from replicator.receiver.partial import Partial
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class ReceiverDataset:
         self.error: str | None = None
         self.storage_error: str | None = None   # the last stream failed on our own storage
         self.on_applied: Callable[[ReceiverDataset], None] | None = None
+        # a big new file the last stream broke off, kept for the next one (session only)
+        self.partial: Partial | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -76,6 +79,9 @@ class ReceiverDataset:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.partial is not None:
+            self.partial.close()  # its file goes with recovery's clean-up of incoming files
+            self.partial = None
         self.journal.close()
         self.mirror.close()
         self.manifest.close()
