@@ -143,16 +143,19 @@ class Session:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
             return
         try:
-            welcome = await self._hello(first)
-        except ProtocolError as e:
-            log.warning("stream refused peer=%s error=%s", self.peer, e.message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-            return
-        except PermissionError as e:
-            log.warning("stream refused peer=%s error=%s", self.peer, e)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-            return
-        try:
+            try:
+                welcome = await self._hello(first)
+            except ProtocolError as e:
+                log.warning("stream refused peer=%s error=%s", self.peer, e.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+                return
+            except PermissionError as e:
+                log.warning("stream refused peer=%s error=%s", self.peer, e)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+                return
+            except OSError as e:  # a journal that could not be repaired yet
+                await self._storage_failed(e, context)
+                return
             yield pb.ReceiverMessage(welcome=welcome)
             self._reader = asyncio.create_task(self._read(requests), name=f"read {self.source}")
             while True:
@@ -170,20 +173,23 @@ class Session:
                             error.message)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
             elif isinstance(error, OSError):
-                # the receiver's own storage failed (a full disk, an I/O error): nothing was
-                # acknowledged that is not durable, the agent keeps its changes and retries
-                message = f"receiver storage: {error.strerror or error}"
-                log.error("stream ended source=%s peer=%s error=%s", self.source, self.peer,
-                          message)
-                for ds in self.datasets:
-                    ds.storage_error = message
-                full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
-                                    else grpc.StatusCode.UNAVAILABLE, message)
+                await self._storage_failed(error, context)
             elif error is not None:
                 raise error
         finally:
             await self._close()
+
+    async def _storage_failed(self, error: OSError, context: grpc.aio.ServicerContext) -> None:
+        """The receiver's own storage failed (a full disk, an I/O error): nothing was
+        acknowledged that is not durable, the agent keeps its changes and retries, and its
+        next hello repairs the journals."""
+        message = f"receiver storage: {error.strerror or error}"
+        log.error("stream ended source=%s peer=%s error=%s", self.source, self.peer, message)
+        for ds in self.datasets:
+            ds.storage_error = message
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
+                            else grpc.StatusCode.UNAVAILABLE, message)
 
     async def _hello(self, msg: pb.AgentMessage) -> pb.Welcome:
         if msg.WhichOneof("kind") != "hello":
@@ -206,6 +212,13 @@ class Session:
         welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION)
         for i, d in enumerate(hello.datasets):
             ds = self.receiver.dataset(self.source, d.name, d.type)
+            self.datasets.append(ds)  # now, so that a failed hello still closes it
+            self._open.append(None)
+            if ds.journal.failed is not None:
+                # an earlier stream failed on our storage: cut the journal back to what was
+                # durable and go on (this raises again while the disk is still full)
+                await asyncio.to_thread(ds.journal.repair)
+                ds.storage_error = None
             # an older stream may have left a partial record, or complete records whose
             # group commit it did not live to see: drop the one, make the others durable,
             # so that the position we announce is exactly what the journal holds
@@ -220,8 +233,6 @@ class Session:
             ds.last_contact_at = time.time()
             ds.agent_lag = AgentLag(state="starting", agent_time=time.time())
             ds.on_applied = self._applied
-            self.datasets.append(ds)
-            self._open.append(None)
             position = welcome.datasets.add(
                 dataset=i, epoch=1, written_lsn=ds.flushed_lsn, flushed_lsn=ds.flushed_lsn,
                 applied_lsn=ds.applied_lsn, state="error" if ds.error else "streaming")
