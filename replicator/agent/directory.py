@@ -35,7 +35,7 @@ import stat as st_mod
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import xxhash
@@ -59,6 +59,7 @@ from replicator.agent.scanner import scan, scan_subtree
 from replicator.agent.unapplied import Unapplied
 from replicator.agent.watcher import RESCAN, Watcher
 from replicator.config import DatasetConfig
+from replicator.core.blocks import block_count
 from replicator.core.records import Attrs, Base, End, Frame, Header, Op
 from replicator.errors import SourceUnsafe
 from replicator.wire import pb
@@ -126,6 +127,11 @@ class DirectorySource:
         self.full_rescan = True
         self.rescan_first_seen = 0.0
         self.current: tuple[float, int] | None = None   # the record being sent
+        # the big file whose record went out last (kept until the next reconnect: its END
+        # may be queued and still lost), and after a reconnect the one the receiver kept
+        # part of, with the block to continue from
+        self.sending: _Sending | None = None
+        self.resume: tuple[_Sending, int] | None = None
         self.records_sent = 0
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
@@ -160,6 +166,8 @@ class DirectorySource:
         self.unapplied.keep(position.applied_lsn, flushed)
         self.next_lsn = flushed + 1
         self.written_lsn = self.flushed_lsn = flushed
+        self.resume = _resume_point(self.sending, position, self.block_size)
+        self.sending = None
         self.applied_lsn = position.applied_lsn
         self.full_rescan = True
         if self.state != "error":
@@ -357,6 +365,12 @@ class DirectorySource:
         started = time.monotonic()
         seen: set[str] = set()
         try:
+            if self.resume is not None:
+                # first, so that no other record takes the LSN the receiver's partial needs
+                path = self.resume[0].path
+                st = _lstat(self.root / path)
+                if st is not None:
+                    await self._examine(generation, path, st, first_seen, descend=False)
             async for chunk in _chunks_in_thread(scan(self.root, self.excludes)):
                 self._prefetch(chunk)
                 for path, st in chunk:
@@ -630,13 +644,33 @@ class DirectorySource:
 
     async def _send_file(self, generation: int, path: str, entry: Entry | None,
                          old_hashes: bytes | None, first_seen: float) -> None:
+        resume, self.resume = self.resume, None
+        skip = 0
+        if resume is not None and resume[0].path == path and old_hashes is None \
+                and resume[0].lsn == self.next_lsn:
+            first_seen = min(first_seen, resume[0].first_seen)
+            skip = resume[1]
         reader = await asyncio.to_thread(FileReader, self.root / path, self.block_size,
-                                         old_hashes)
+                                         old_hashes, start_block=skip)
         try:
             st0 = reader.stat
+            if skip and resume is not None and _Sending.of(resume[0].lsn, path, st0,
+                                                           first_seen) != resume[0]:
+                # changed since the broken-off send: the receiver drops its part
+                log.info("file changed, sending it whole dataset=%s path=%r", self.name, path)
+                reader.close()
+                skip = 0
+                reader = await asyncio.to_thread(FileReader, self.root / path,
+                                                 self.block_size, old_hashes)
+                st0 = reader.stat
             attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
             header = self._file_header(path, attrs, st0.st_size, entry, first_seen)
+            if skip:
+                header = replace(header, resume_from=skip)
+                log.info("resuming file dataset=%s path=%r lsn=%d from_block=%d", self.name,
+                         path, self.next_lsn, skip)
             lsn = self._begin(first_seen)
+            self.sending = _Sending.of(lsn, path, st0, first_seen)
             try:
                 await self.link.send(generation, self.dataset, [Frame(lsn, header)])
                 chunks = reader.chunks()
@@ -698,6 +732,7 @@ class DirectorySource:
 
     def _begin(self, first_seen: float) -> int:
         self.current = (first_seen, 0)
+        self.resume = None  # any record but the resumed one makes the receiver drop its part
         return self.next_lsn
 
     def _end(self, lsn: int, mutations: list[Mutation], raw_bytes: int = 0) -> None:
@@ -784,6 +819,40 @@ def _lstat(path: Path) -> os.stat_result | None:
 
 def _racy(entry: Entry) -> bool:
     return entry.mtime_ns >= entry.stat_ns - RACY_MARGIN_NS
+
+
+@dataclass(frozen=True, slots=True)
+class _Sending:
+    """A file as it was when its record started: a resume is for this file unchanged."""
+
+    lsn: int
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    first_seen: float = field(compare=False)
+
+    @classmethod
+    def of(cls, lsn: int, path: str, st: os.stat_result, first_seen: float) -> _Sending:
+        return cls(lsn, path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
+                   first_seen)
+
+
+def _resume_point(sending: _Sending | None,
+                  position: pb.DatasetPosition, block_size: int) -> tuple[_Sending, int] | None:
+    """The record to continue and its first block, if the receiver kept part of the one
+    that was going out when the stream broke."""
+    if sending is None or not position.HasField("partial"):
+        return None
+    p = position.partial
+    if (p.lsn != sending.lsn or p.lsn != position.flushed_lsn + 1
+            or p.path != os.fsencode(sending.path) or p.size != sending.size
+            or p.mtime_ns != sending.mtime_ns or p.block_size != block_size
+            or not 0 < p.blocks <= block_count(p.size, block_size)):
+        return None
+    return sending, p.blocks
 
 
 @dataclass(frozen=True, slots=True)

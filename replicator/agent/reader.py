@@ -156,7 +156,10 @@ class FileReader:
         block_size: int,
         old_hashes: bytes | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        start_block: int = 0,
     ) -> None:
+        """`start_block`: blocks below it are read and hashed (the digest covers them) but
+        never yielded, as when the receiver already holds them from a broken-off send."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, not {block_size}")
         if old_hashes is not None and len(old_hashes) % HASH_SIZE:
@@ -165,6 +168,7 @@ class FileReader:
         self._path = os.fspath(path)
         self._block_size = block_size
         self._old = old_hashes
+        self._start_block = start_block
         # a whole number of blocks, at least one
         self._blocks_per_chunk = max(1, chunk_size // block_size)
         self.raw_bytes = 0
@@ -285,7 +289,8 @@ class FileReader:
                     hashes += h
                     self._covered += blen
                     # a new file's holes stay holes: nothing to send for them
-                    if emit and self._old is not None and self._changed(i, h):
+                    if (emit and self._old is not None and i >= self._start_block
+                            and self._changed(i, h)):
                         out.append(Block(i, Codec.ZERO, blen, b""))
                     i += 1
                     continue
@@ -311,7 +316,7 @@ class FileReader:
                     data = buf[off:off + blen]
                     h = block_hash(data)
                     hashes += h
-                    if not emit or not self._changed(k, h):
+                    if not emit or k < self._start_block or not self._changed(k, h):
                         continue
                     if h == zero_hash(blen):
                         if self._old is not None:

@@ -59,6 +59,9 @@ class Header:
     block_size: int = 0          # FILE
     first_seen: float = 0.0      # agent clock: when the change was first seen
     raw_bytes: int = 0           # block bytes the record carries before compression
+    # FILE, Base.EMPTY: > 0 continues the receiver's partial record of this LSN from this
+    # block (the blocks below it arrived on an earlier stream)
+    resume_from: int = 0
 
 
 @dataclass(frozen=True, slots=True)

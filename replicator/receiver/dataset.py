@@ -3,6 +3,11 @@
 The session appends frames and calls `flushed()` after each group commit; the dataset's
 apply task runs the applier in a worker thread whenever the flushed LSN moves ahead of the
 applied LSN, and tells whoever listens (the session, to send an ack) when it advanced.
+
+A record that fails on the receiver's own storage (a full disk, an I/O error)
+stops applying as any failed record does, but is tried again, with a capped exponential
+backoff, by a fresh applier and manifest over the same files, exactly as a restart would
+replay it: applying is idempotent, and the journal still holds every record not applied.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +25,12 @@ from replicator.receiver.applier import Applier, ApplyError
 from replicator.receiver.journal import Journal
 from replicator.receiver.manifest import Manifest
 from replicator.receiver.mirror import Mirror
+from replicator.receiver.partial import Partial
 
 log = logging.getLogger(__name__)
+
+STORAGE_RETRY_INITIAL = 1.0   # seconds before a record that failed on our storage is retried
+STORAGE_RETRY_MAX = 30.0
 
 
 class ReceiverDataset:
@@ -35,8 +45,7 @@ class ReceiverDataset:
         self.journal = Journal(state_dir / "journal")
         self.manifest = Manifest(state_dir / "manifest.db")
         self.mirror = Mirror(mirror_dir, state_dir / "staging")
-        self.applier = Applier(self.journal, self.mirror, self.manifest, state_dir / "keep",
-                               label=self.label)
+        self.applier = self._new_applier()
         self.connected = False
         self.last_contact_at: float | None = None
         self.agent_lag: AgentLag | None = None
@@ -47,8 +56,22 @@ class ReceiverDataset:
         self.records_applied = 0
         self.observe_latency: Callable[[float], None] | None = None
         self.applier.on_applied = self._applied_records
+        self._storage_failed = False  # `error` came from our storage: retry it
+        # a big new file the last stream broke off, kept for the next one (session only)
+        self.partial: Partial | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def _new_applier(self) -> Applier:
+        return Applier(self.journal, self.mirror, self.manifest, self.state_dir / "keep",
+                       label=self.label)
+
+    def _restart_applier(self) -> None:
+        """A fresh manifest (what was not committed is discarded, as a crash would) and
+        applier, which replays from the durable applied LSN. Blocking: a worker thread."""
+        self.manifest.close()
+        self.manifest = Manifest(self.state_dir / "manifest.db")
+        self.applier = self._new_applier()
 
     def open(self) -> None:
         """Recover: replay what is journaled beyond the durable applied LSN."""
@@ -80,6 +103,9 @@ class ReceiverDataset:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.partial is not None:
+            self.partial.close()  # its file goes with recovery's clean-up of incoming files
+            self.partial = None
         self.journal.close()
         self.mirror.close()
         self.manifest.close()
@@ -105,22 +131,45 @@ class ReceiverDataset:
         self._wake.set()
 
     async def _apply_loop(self) -> None:
+        backoff = STORAGE_RETRY_INITIAL
+        retrying = False
         while True:
-            await self._wake.wait()
+            if self._storage_failed:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, STORAGE_RETRY_MAX)
+                try:
+                    await asyncio.to_thread(self._restart_applier)
+                except Exception as e:  # the manifest cannot even be opened: later, again
+                    log.warning("apply retry failed dataset=%s error=%s", self.label, e)
+                    continue
+                self.error = None
+                self._storage_failed = False
+                retrying = True
+            else:
+                await self._wake.wait()
             self._wake.clear()
             while self.error is None and self.applier.applied_lsn < self.journal.flushed_lsn:
                 target = self.journal.flushed_lsn
                 try:
                     await asyncio.to_thread(self.applier.apply_upto, target)
                 except ApplyError as e:
+                    if not retrying:  # once per outage, not once per retry
+                        log.error("apply stopped dataset=%s error=%s", self.label, e.message)
                     self.error = e.message
-                    log.error("apply stopped dataset=%s error=%s", self.label, e.message)
+                    # SQLite says "database or disk is full" as an OperationalError
+                    self._storage_failed = isinstance(e.__cause__,
+                                                      (OSError, sqlite3.OperationalError))
                 except Exception as e:  # a bug must not kill the daemon silently
                     self.error = f"apply failed: {e!r}"
                     log.exception("apply failed dataset=%s", self.label)
                 self.journal.release(self.applier.applied_lsn)
                 if self.on_applied is not None:
                     self.on_applied(self)
+            if retrying and self.error is None:
+                retrying = False
+                backoff = STORAGE_RETRY_INITIAL
+                log.info("apply recovered dataset=%s applied_lsn=%d", self.label,
+                         self.applier.applied_lsn)
 
     def status(self) -> DatasetStatus:
         lag = self.agent_lag

@@ -251,8 +251,8 @@ class Journal:
         self._open_lsn: int | None = None
         self._open_start = 0
         self._fresh = False  # no record yet: the first one may have any LSN
-        # after a failed fdatasync the kernel may have dropped the dirty pages and a retry
-        # would succeed falsely: refuse to go on until the journal is reopened and rescanned
+        # after a failed write or fdatasync the kernel may have dropped the dirty pages and
+        # a retry would succeed falsely: refuse to go on until repair() (or a reopen)
         self._failed: OSError | None = None
 
     # ---- lifecycle ----
@@ -321,29 +321,33 @@ class Journal:
             raise ValueError(f"payload of {n} bytes at LSN {lsn} exceeds {MAX_PAYLOAD}")
         with self._lock:
             self._check_usable()
-            if kind is EntryKind.HEADER:
-                if self._open_lsn is not None:
-                    raise ValueError(f"header of LSN {lsn} while LSN {self._open_lsn} "
-                                     "is still open")
-                if lsn != self.written_lsn + 1 and not (self._fresh
-                                                        and lsn > self.written_lsn):
-                    raise ValueError(f"header of LSN {lsn} after LSN {self.written_lsn} "
-                                     f"(expected {self.written_lsn + 1})")
-                if self._fd is None or self._disk + self._fill >= self.segment_size:
-                    self._roll(lsn)
-                self._open_lsn = lsn
-                self._open_start = self._disk + self._fill
-            elif self._open_lsn is None:
-                raise ValueError(f"{kind.name} entry of LSN {lsn} outside a record")
-            elif lsn != self._open_lsn:
-                raise ValueError(f"{kind.name} entry of LSN {lsn} inside record "
-                                 f"{self._open_lsn}")
-            self._write_entry(kind, lsn, payload)
-            if kind is EntryKind.END:
-                self._index[lsn] = (self._seg, self._open_start, self._disk + self._fill)
-                self.written_lsn = lsn
-                self._open_lsn = None
-                self._fresh = False
+            try:
+                if kind is EntryKind.HEADER:
+                    if self._open_lsn is not None:
+                        raise ValueError(f"header of LSN {lsn} while LSN {self._open_lsn} "
+                                         "is still open")
+                    if lsn != self.written_lsn + 1 and not (self._fresh
+                                                            and lsn > self.written_lsn):
+                        raise ValueError(f"header of LSN {lsn} after LSN {self.written_lsn} "
+                                         f"(expected {self.written_lsn + 1})")
+                    if self._fd is None or self._disk + self._fill >= self.segment_size:
+                        self._roll(lsn)
+                    self._open_lsn = lsn
+                    self._open_start = self._disk + self._fill
+                elif self._open_lsn is None:
+                    raise ValueError(f"{kind.name} entry of LSN {lsn} outside a record")
+                elif lsn != self._open_lsn:
+                    raise ValueError(f"{kind.name} entry of LSN {lsn} inside record "
+                                     f"{self._open_lsn}")
+                self._write_entry(kind, lsn, payload)
+                if kind is EntryKind.END:
+                    self._index[lsn] = (self._seg, self._open_start, self._disk + self._fill)
+                    self.written_lsn = lsn
+                    self._open_lsn = None
+                    self._fresh = False
+            except OSError as e:
+                self._failed = e  # a write that failed may have left anything behind it
+                raise
 
     def sync(self) -> int:
         """Makes every appended entry durable (one fdatasync, plus the directory's fsync
@@ -353,10 +357,11 @@ class Journal:
             return self._sync()
 
     def discard_open(self) -> None:
-        """Drops the entries of a record whose END was not appended. No-op if none is."""
+        """Drops the entries of a record whose END was not appended. No-op if none is, and
+        on a failed journal, whose repair() cuts it with the rest of the tail."""
         with self._lock:
-            self._check_usable()
-            if self._open_lsn is None:
+            self._check_open()
+            if self._open_lsn is None or self._failed is not None:
                 return
             assert self._fd is not None
             start = self._open_start
@@ -372,9 +377,70 @@ class Journal:
                 self._fill = start - self._disk
             else:
                 self._fill = 0
-                os.ftruncate(self._fd, start)
+                try:
+                    os.ftruncate(self._fd, start)
+                except OSError as e:
+                    self._failed = e
+                    raise
                 self._disk = start
                 self._unsynced = True
+
+    @property
+    def failed(self) -> OSError | None:
+        """The storage error that stopped appends, if one did; repair() clears it."""
+        return self._failed
+
+    def repair(self) -> None:
+        """After a storage error: cuts the journal back to the last record made durable
+        before it (flushed_lsn), and takes appends again. No-op if nothing failed.
+
+        What was appended after that record was never acknowledged, so it is dropped even
+        where the page cache still holds it (after a failed write-back the kernel may mark
+        pages clean that never reached the disk); the agent sends it again. Nothing up to
+        flushed_lsn moves, so a reader of those records is not disturbed. Raises OSError if
+        the storage fails again: the journal stays failed, and repair can be called again.
+        """
+        with self._lock:
+            self._check_open()
+            if self._failed is None:
+                return
+            durable = self.flushed_lsn
+            self._close_fd()
+            self._fill = 0
+            self._open_lsn = None
+            self._unsynced = False
+            while self._segments and self._segments[-1] > durable:
+                self._unlink(self._segments[-1])  # only records that were never durable
+                self._segments.pop()
+            for lsn in [n for n in self._index if n > durable]:
+                del self._index[lsn]
+            last = durable
+            if self._segments:
+                seg = self._segments[-1]
+                path = self.directory / segment_name(seg)
+                good, seg_last, bad = self._scan_segment(path, seg, None, self._index_lo - 1,
+                                                         upto=durable)
+                if seg_last != durable:
+                    # not a torn tail: records that were durable are not all there
+                    log.error("journal lost flushed records dir=%s segment=%s flushed_lsn=%d "
+                              "found=%s reason=%s", self.directory, segment_name(seg), durable,
+                              seg_last, bad.reason.replace(" ", "_") if bad else "-")
+                    last = seg_last if seg_last is not None else seg - 1
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, good)
+                    os.fsync(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd, self._seg, self._disk = fd, seg, good
+            if self._dir_dirty:
+                _fsync_dir(self.directory)
+                self._dir_dirty = False
+            self.written_lsn = self.flushed_lsn = last
+            log.warning("journal repaired dir=%s flushed_lsn=%d error=%s", self.directory,
+                        last, self._failed.strerror or self._failed)
+            self._failed = None
 
     # ---- reading ----
 
@@ -431,9 +497,10 @@ class Journal:
 
     def release(self, applied_lsn: int) -> None:
         """Deletes whole segments all of whose records are <= applied_lsn, never the last
-        one, and forgets their records."""
+        one, and forgets their records. Allowed on a failed journal: it never touches the
+        segment being appended to."""
         with self._lock:
-            self._check_usable()
+            self._check_open()
             while len(self._segments) > 1 and self._segments[1] <= applied_lsn + 1:
                 self._unlink(self._segments.pop(0))
             for lsn in range(self._index_lo, min(applied_lsn, self.written_lsn) + 1):
@@ -469,7 +536,7 @@ class Journal:
         self._check_open()
         if self._failed is not None:
             raise OSError(self._failed.errno, f"journal {self.directory} failed earlier, "
-                          f"reopen it: {self._failed.strerror}")
+                          f"repair or reopen it: {self._failed.strerror}")
 
     def _sync(self) -> int:
         try:
@@ -596,9 +663,10 @@ class Journal:
             break
         return last
 
-    def _scan_segment(self, path: Path, seg: int, prev: int | None,
-                      applied_lsn: int) -> tuple[int, int | None, _Bad | None]:
-        """(end of the last complete record, its LSN or None, the first bad entry)."""
+    def _scan_segment(self, path: Path, seg: int, prev: int | None, applied_lsn: int,
+                      upto: int | None = None) -> tuple[int, int | None, _Bad | None]:
+        """(end of the last complete record, its LSN or None, the first bad entry). With
+        `upto`, a record beyond it counts as the first bad entry."""
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -632,6 +700,8 @@ class Journal:
                 if kind is EntryKind.HEADER:
                     if open_lsn is not None or lsn != expected:
                         return good, last, _Bad(at, f"header of LSN {lsn} out of order")
+                    if upto is not None and lsn > upto:
+                        return good, last, _Bad(at, f"LSN {lsn} was never flushed")
                     open_lsn, start = lsn, at
                 elif lsn != open_lsn:
                     return good, last, _Bad(at, f"{kind.name} of LSN {lsn} out of order")

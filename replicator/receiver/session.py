@@ -19,8 +19,9 @@ entries are appended the staged file is fdatasynced and the staging dir fsynced,
 that any group commit makes durable always has durable data: no later sync of the journal
 (another stream's hello, a close) can get ahead of it. Small files stay in the journal, where
 one fsync covers many. A record that never gets its END (stream broken, newer stream,
-malformed frame) has its staged file deleted here; after a crash the applier deletes the
-incoming files no flushed record needs.
+malformed frame) has its staged file deleted here, except a big new file broken off part
+way, which is kept as its dataset's `Partial` for the next stream to continue (see
+`partial`); after a crash the applier deletes the incoming files no flushed record needs.
 
 Each batch's frame work (decode, hash, pwrite, journal append, group commit) runs in one
 worker thread per session, so that gRPC keeps receiving meanwhile. Before a newer stream of
@@ -56,6 +57,7 @@ from replicator.lag import AgentLag, ClockOffset
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, encode_staged
 from replicator.receiver.mirror import start_writeback
+from replicator.receiver.partial import Partial
 from replicator.wire import PROTOCOL_VERSION, pb
 from replicator.wire.convert import batch_message_size, frame_from_pb
 
@@ -78,15 +80,36 @@ _KINDS = {"header": EntryKind.HEADER, "block": EntryKind.BLOCK, "end": EntryKind
 class _Open:
     """The record currently being received for one dataset."""
 
-    __slots__ = ("header", "nblocks", "fd", "staged", "hashes", "dirty")
+    __slots__ = ("lsn", "header", "nblocks", "fd", "staged", "hashes", "dirty", "upto",
+                 "ascending")
 
-    def __init__(self, header: Header) -> None:
+    def __init__(self, lsn: int, header: Header) -> None:
+        self.lsn = lsn
         self.header = header
         self.nblocks = block_count(header.size, header.block_size) if header.op is Op.FILE else 0
         self.fd = -1          # the staged file, open while its blocks arrive
         self.staged = ""
         self.hashes = bytearray()
         self.dirty = 0        # bytes written since write-back was last started
+        # staged blocks: one past the highest staged so far, and whether they came in
+        # ascending order (then every block below `upto` is staged or a hole: resumable)
+        self.upto = 0
+        self.ascending = True
+
+    @classmethod
+    def resumed(cls, lsn: int, header: Header, p: Partial) -> _Open:
+        """The partial record `p`, continued by `header` on this stream."""
+        o = cls(lsn, header)
+        o.fd, o.staged, o.hashes, o.dirty, o.upto = p.fd, p.staged, p.hashes, p.dirty, p.blocks
+        p.fd = -1  # the fd is the record's now
+        return o
+
+    def partial(self) -> Partial | None:
+        """What a stream broken now leaves resumable of this record, if anything."""
+        if self.fd < 0 or not self.ascending or self.upto == 0:
+            return None
+        return Partial(self.lsn, self.header, self.fd, self.staged, self.hashes, self.upto,
+                       self.dirty)
 
 
 def _stageable(h: Header) -> bool:
@@ -111,6 +134,7 @@ class Session:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._busy: concurrent.futures.Future[tuple[set[int], Exception | None]] | None = None
         self._closing = False
+        self._malformed = False  # a bad frame ended the stream: keep no partial record
 
     async def run(self, requests: AsyncIterator[pb.AgentMessage],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
@@ -120,16 +144,19 @@ class Session:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
             return
         try:
-            welcome = await self._hello(first)
-        except ProtocolError as e:
-            log.warning("stream refused peer=%s error=%s", self.peer, e.message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-            return
-        except PermissionError as e:
-            log.warning("stream refused peer=%s error=%s", self.peer, e)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-            return
-        try:
+            try:
+                welcome = await self._hello(first)
+            except ProtocolError as e:
+                log.warning("stream refused peer=%s error=%s", self.peer, e.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+                return
+            except PermissionError as e:
+                log.warning("stream refused peer=%s error=%s", self.peer, e)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+                return
+            except OSError as e:  # a journal that could not be repaired yet
+                await self._storage_failed(e, context)
+                return
             yield pb.ReceiverMessage(welcome=welcome)
             self._reader = asyncio.create_task(self._read(requests), name=f"read {self.source}")
             while True:
@@ -147,20 +174,23 @@ class Session:
                             error.message)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
             elif isinstance(error, OSError):
-                # the receiver's own storage failed (a full disk, an I/O error): nothing was
-                # acknowledged that is not durable, the agent keeps its changes and retries
-                message = f"receiver storage: {error.strerror or error}"
-                log.error("stream ended source=%s peer=%s error=%s", self.source, self.peer,
-                          message)
-                for ds in self.datasets:
-                    ds.storage_error = message
-                full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
-                                    else grpc.StatusCode.UNAVAILABLE, message)
+                await self._storage_failed(error, context)
             elif error is not None:
                 raise error
         finally:
             await self._close()
+
+    async def _storage_failed(self, error: OSError, context: grpc.aio.ServicerContext) -> None:
+        """The receiver's own storage failed (a full disk, an I/O error): nothing was
+        acknowledged that is not durable, the agent keeps its changes and retries, and its
+        next hello repairs the journals."""
+        message = f"receiver storage: {error.strerror or error}"
+        log.error("stream ended source=%s peer=%s error=%s", self.source, self.peer, message)
+        for ds in self.datasets:
+            ds.storage_error = message
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
+                            else grpc.StatusCode.UNAVAILABLE, message)
 
     async def _hello(self, msg: pb.AgentMessage) -> pb.Welcome:
         if msg.WhichOneof("kind") != "hello":
@@ -179,24 +209,36 @@ class Session:
         self.receiver.attach(self)
         if older is not None and older is not self:
             await older.quiesce()
+            older.release_open()  # now, so that its partials are in this welcome
         welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION)
         for i, d in enumerate(hello.datasets):
             ds = self.receiver.dataset(self.source, d.name, d.type)
+            self.datasets.append(ds)  # now, so that a failed hello still closes it
+            self._open.append(None)
+            if ds.journal.failed is not None:
+                # an earlier stream failed on our storage: cut the journal back to what was
+                # durable and go on (this raises again while the disk is still full)
+                await asyncio.to_thread(ds.journal.repair)
+                ds.storage_error = None
             # an older stream may have left a partial record, or complete records whose
             # group commit it did not live to see: drop the one, make the others durable,
             # so that the position we announce is exactly what the journal holds
             ds.journal.discard_open()
             await asyncio.to_thread(ds.journal.sync)
             ds.flushed()
+            partial = ds.partial
+            if partial is not None and partial.lsn != ds.flushed_lsn + 1:
+                ds.partial = None
+                partial.discard(ds.mirror, ds.label, "not_the_next_record")
             ds.connected = True
             ds.last_contact_at = time.time()
             ds.agent_lag = AgentLag(state="starting", agent_time=time.time())
             ds.on_applied = self._applied
-            self.datasets.append(ds)
-            self._open.append(None)
-            welcome.datasets.append(pb.DatasetPosition(
+            position = welcome.datasets.add(
                 dataset=i, epoch=1, written_lsn=ds.flushed_lsn, flushed_lsn=ds.flushed_lsn,
-                applied_lsn=ds.applied_lsn, state="error" if ds.error else "streaming"))
+                applied_lsn=ds.applied_lsn, state="error" if ds.error else "streaming")
+            if ds.partial is not None:
+                position.partial.CopyFrom(ds.partial.position())
         log.info("agent connected source=%s peer=%s datasets=%s", self.source, self.peer,
                  ",".join(names))
         return welcome
@@ -244,6 +286,7 @@ class Session:
                 touched.add(f.dataset)
         except Exception as e:
             error = e
+            self._malformed = isinstance(e, ProtocolError)
         if touched:
             _sync_all([self.datasets[i].journal for i in touched])
         return touched, error
@@ -267,7 +310,27 @@ class Session:
         if kind is EntryKind.HEADER:
             assert isinstance(body, Header)
             _check_header(body, ds.label, frame.lsn)
-            open_ = _Open(body)
+            if open_ is not None:  # checked here too, so that its staged file is not lost
+                raise ProtocolError(f"{ds.label} LSN {frame.lsn}: header inside record "
+                                    f"{open_.lsn}")
+            partial, ds.partial = ds.partial, None
+            if body.resume_from:
+                if partial is None or not partial.continued_by(body, frame.lsn):
+                    if partial is not None:
+                        partial.discard(ds.mirror, ds.label, "resumed_differently")
+                    raise ProtocolError(f"{ds.label} LSN {frame.lsn}: resume of a record "
+                                        "the receiver does not hold")
+                # the open record owns the staged file from here, so it is kept or dropped
+                # with it however this stream ends
+                self._open[f.dataset] = _Open.resumed(frame.lsn, body, partial)
+                log.info("record resumed dataset=%s lsn=%d path=%r from_block=%d of=%d",
+                         ds.label, frame.lsn, body.path, body.resume_from,
+                         block_count(body.size, body.block_size))
+                self._append(ds, frame.lsn, kind, f.SerializeToString())
+                return
+            if partial is not None:
+                partial.discard(ds.mirror, ds.label, "another_record")
+            open_ = _Open(frame.lsn, body)
             self._open[f.dataset] = open_
             if _stageable(body):
                 self._append(ds, frame.lsn, kind, f.SerializeToString())
@@ -328,14 +391,25 @@ class Session:
             ds.mirror.discard_staged(open_.staged)
             raise
 
-    def _drop_staged(self) -> None:
-        """Deletes the staged files of records this stream did not finish: no record can
-        name them (their END was never journaled)."""
-        for ds, open_ in zip(self.datasets, self._open, strict=True):
-            if open_ is not None and open_.fd >= 0:
+    def release_open(self) -> None:
+        """Lets go of the records this stream did not finish (call once no batch is in the
+        worker thread): a big new file broken off part way becomes its dataset's partial
+        (unless a malformed frame ended the stream), any other staged file is deleted,
+        since no record can name it (its END was never journaled). Safe to call twice."""
+        for i, (ds, open_) in enumerate(zip(self.datasets, self._open, strict=True)):
+            self._open[i] = None
+            if open_ is None or open_.fd < 0:
+                continue
+            partial = None if self._malformed else open_.partial()
+            if partial is None:
                 os.close(open_.fd)
-                open_.fd = -1
                 ds.mirror.discard_staged(open_.staged)
+                continue
+            if ds.partial is not None:
+                ds.partial.discard(ds.mirror, ds.label, "replaced")
+            ds.partial = partial
+            log.info("partial record kept dataset=%s lsn=%d path=%r blocks=%d of=%d",
+                     ds.label, partial.lsn, open_.header.path, partial.blocks, open_.nblocks)
 
     def _heartbeat(self, hb: pb.Heartbeat) -> None:
         mono = time.monotonic()
@@ -386,7 +460,7 @@ class Session:
         await self.quiesce()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._drop_staged()
+        self.release_open()
         if self.receiver.detach(self):
             for ds in self.datasets:
                 ds.journal.discard_open()
@@ -436,6 +510,9 @@ def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
             open_.dirty = 0
             start_writeback(open_.fd)
     open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
+    if i < open_.upto:
+        open_.ascending = False
+    open_.upto = i + 1
 
 
 def _check_block(open_: _Open, b: pb.Block, label: str, lsn: int) -> None:

@@ -124,7 +124,7 @@ class Attrs(_message.Message):
     def __init__(self, mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., has_owner: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., has_xattrs: _Optional[bool] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class RecordHeader(_message.Message):
-    __slots__ = ("op", "path", "new_path", "target", "attrs", "size", "base", "base_digest", "block_size", "first_seen", "raw_bytes")
+    __slots__ = ("op", "path", "new_path", "target", "attrs", "size", "base", "base_digest", "block_size", "first_seen", "raw_bytes", "resume_from")
     OP_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     NEW_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class RecordHeader(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     op: Op
     path: bytes
     new_path: bytes
@@ -147,7 +148,8 @@ class RecordHeader(_message.Message):
     block_size: int
     first_seen: float
     raw_bytes: int
-    def __init__(self, op: _Optional[_Union[Op, str]] = ..., path: _Optional[bytes] = ..., new_path: _Optional[bytes] = ..., target: _Optional[bytes] = ..., attrs: _Optional[_Union[Attrs, _Mapping]] = ..., size: _Optional[int] = ..., base: _Optional[_Union[Base, str]] = ..., base_digest: _Optional[bytes] = ..., block_size: _Optional[int] = ..., first_seen: _Optional[float] = ..., raw_bytes: _Optional[int] = ...) -> None: ...
+    resume_from: int
+    def __init__(self, op: _Optional[_Union[Op, str]] = ..., path: _Optional[bytes] = ..., new_path: _Optional[bytes] = ..., target: _Optional[bytes] = ..., attrs: _Optional[_Union[Attrs, _Mapping]] = ..., size: _Optional[int] = ..., base: _Optional[_Union[Base, str]] = ..., base_digest: _Optional[bytes] = ..., block_size: _Optional[int] = ..., first_seen: _Optional[float] = ..., raw_bytes: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("index", "codec", "raw_len", "data")
@@ -218,20 +220,38 @@ class Welcome(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., datasets: _Optional[_Iterable[_Union[DatasetPosition, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatasetPosition(_message.Message):
-    __slots__ = ("dataset", "epoch", "written_lsn", "flushed_lsn", "applied_lsn", "state")
+    __slots__ = ("dataset", "epoch", "written_lsn", "flushed_lsn", "applied_lsn", "state", "partial")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_LSN_FIELD_NUMBER: _ClassVar[int]
     FLUSHED_LSN_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LSN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     dataset: int
     epoch: int
     written_lsn: int
     flushed_lsn: int
     applied_lsn: int
     state: str
-    def __init__(self, dataset: _Optional[int] = ..., epoch: _Optional[int] = ..., written_lsn: _Optional[int] = ..., flushed_lsn: _Optional[int] = ..., applied_lsn: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    partial: PartialRecord
+    def __init__(self, dataset: _Optional[int] = ..., epoch: _Optional[int] = ..., written_lsn: _Optional[int] = ..., flushed_lsn: _Optional[int] = ..., applied_lsn: _Optional[int] = ..., state: _Optional[str] = ..., partial: _Optional[_Union[PartialRecord, _Mapping]] = ...) -> None: ...
+
+class PartialRecord(_message.Message):
+    __slots__ = ("lsn", "path", "size", "mtime_ns", "block_size", "blocks")
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    lsn: int
+    path: bytes
+    size: int
+    mtime_ns: int
+    block_size: int
+    blocks: int
+    def __init__(self, lsn: _Optional[int] = ..., path: _Optional[bytes] = ..., size: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., block_size: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("datasets", "stream_bytes")

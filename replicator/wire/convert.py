@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from replicator.core.blocks import block_count
 from replicator.core.paths import decode_name
 from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
 from replicator.errors import ProtocolError
@@ -90,6 +91,7 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
         h.block_size = body.block_size
         h.first_seen = body.first_seen
         h.raw_bytes = body.raw_bytes
+        h.resume_from = body.resume_from
     else:
         m.end.digest = body.digest
         m.end.aborted = body.aborted
@@ -141,13 +143,18 @@ def frame_from_pb(m: pb.Frame) -> Frame:
                 raise ProtocolError(f"LSN {m.lsn}: file size {h.size}")
             if base is Base.PREVIOUS and len(h.base_digest) != MAX_DIGEST:
                 raise ProtocolError(f"LSN {m.lsn}: patch without a valid base digest")
+            if h.resume_from and (base is not Base.EMPTY
+                                  or h.resume_from > block_count(h.size, bs)):
+                raise ProtocolError(f"LSN {m.lsn}: resume from block {h.resume_from}")
+        elif h.resume_from:
+            raise ProtocolError(f"LSN {m.lsn}: a {op.name} record cannot resume")
         if op in (Op.FILE, Op.MKDIR, Op.SYMLINK, Op.SETATTR) and not h.HasField("attrs"):
             raise ProtocolError(f"LSN {m.lsn}: {op.name} without attributes")
         return Frame(m.lsn, Header(
             op=op, path=path, new_path=new_path, target=target,
             attrs=attrs_from_pb(h.attrs) if h.HasField("attrs") else None,
             size=h.size, base=base, base_digest=h.base_digest, block_size=h.block_size,
-            first_seen=h.first_seen, raw_bytes=h.raw_bytes,
+            first_seen=h.first_seen, raw_bytes=h.raw_bytes, resume_from=h.resume_from,
         ))
     if kind == "end":
         if len(m.end.digest) not in (0, MAX_DIGEST):

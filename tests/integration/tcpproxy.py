@@ -1,6 +1,9 @@
 """A TCP proxy for integration tests: put it between an agent and a receiver to count the
 bytes that cross, and to cut the link on demand.
 
+`cut_after(n)` does the same as soon as `n` bytes have gone up, exactly, however fast the
+peers are (a test that polls the counter may see the whole transfer pass first).
+
 `cut()` resets every open connection (SO_LINGER 0, so the peers see RST rather than a
 polite FIN, as when a network path dies or a middlebox drops state) and then keeps
 resetting new connections until `resume()`. Each direction is pumped by its own task, so
@@ -65,6 +68,9 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._connecting: set[asyncio.StreamWriter] = set()  # clients awaiting the target
         self._handlers: set[asyncio.Task[None]] = set()
+        self._cut_after: int | None = None
+        self._cut_done = asyncio.Event()
+        self._cut_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -99,6 +105,17 @@ class TcpProxy:
             link.reset()
         tasks = [t for link in links for t in link.tasks]
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def cut_after(self, nbytes: int) -> asyncio.Event:
+        """Cut (and pause) once `bytes_up` reaches `nbytes`; the event is set when done.
+        Nothing more goes up once the chunk that crossed the mark is forwarded."""
+        self._cut_after = nbytes
+        self._cut_done.clear()
+        return self._cut_done
+
+    async def _cut_now(self) -> None:
+        await self.cut()
+        self._cut_done.set()
 
     def resume(self) -> None:
         """Accept and proxy new connections again."""
@@ -185,6 +202,10 @@ class TcpProxy:
             await dst.drain()
             if up:
                 self.bytes_up += len(data)
+                if self._cut_after is not None and self.bytes_up >= self._cut_after:
+                    self._cut_after = None
+                    self._cut_task = asyncio.create_task(self._cut_now())
+                    await self._cut_done.wait()  # cancelled by the cut
             else:
                 self.bytes_down += len(data)
         if dst.can_write_eof() and not dst.is_closing():

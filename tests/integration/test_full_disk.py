@@ -1,14 +1,23 @@
-"""A receiver whose disk fills up says so and loses nothing."""
+"""A receiver whose disk fills up says so, loses nothing, and goes on by itself once there is
+room again: no restart."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import get_json, wait_converged, wait_for
+from tests.integration.conftest import make_pair
+from tests.integration.harness import (
+    Daemon,
+    get_json,
+    receiver_config,
+    wait_converged,
+    wait_for,
+)
 from tests.integration.test_mirror_basic import start_mirror
 
 
@@ -28,28 +37,73 @@ def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _full_disk_reported(url: str) -> bool:
+    rows = get_json(url)["datasets"]
+    return bool(rows) and "No space left on device" in (rows[0].get("error") or "")
+
+
+def _fill(path: Path) -> None:
+    """Writes `path` until the file system is full."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            f.truncate(f.tell())  # what did fit stays: the disk stays full
+    assert os.statvfs(path.parent).f_bavail < 64  # pages of 4 KiB
+
+
+def _stop(mirror: Daemon) -> None:
+    assert mirror.alive(), "the receiver must not need a restart"
+    assert mirror.stop() == 0, mirror.log()
+
+
 def test_full_disk_is_reported_and_nothing_is_lost(tmp_path: Path, small_fs: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    (src / "big").write_bytes(os.urandom(40 << 20))
+    (src / "big").write_bytes(os.urandom(40 << 20))  # staged file: bigger than the disk
     (src / "small").write_text("small")
     mirror, url = start_mirror(tmp_path, src, small_fs / "dst", "--state-dir",
                                str(small_fs / "state"))
-
-    def reported() -> bool:
-        rows = get_json(url)["datasets"]
-        return bool(rows) and "No space left on device" in (rows[0].get("error") or "")
-
     try:
-        wait_for(reported, 30, message="the full disk in /status")
+        wait_for(lambda: _full_disk_reported(url), 30, message="the full disk in /status")
         assert get_json(url)["datasets"][0]["state"] == "error"
-    finally:
-        mirror.kill()
-    # the operator makes room (here: the big file goes) and restarts: everything converges
-    (src / "big").unlink()
-    mirror, url = start_mirror(tmp_path, src, small_fs / "dst", "--state-dir",
-                               str(small_fs / "state"))
-    try:
+        # the operator makes room (here: the big file goes): everything converges
+        (src / "big").unlink()
         wait_converged(src, small_fs / "dst")
     finally:
-        assert mirror.stop() == 0, mirror.log()
+        _stop(mirror)
+
+
+def test_journal_on_a_full_disk_recovers_once_there_is_room(tmp_path: Path,
+                                                            small_fs: Path) -> None:
+    # receiver and agent apart, as on two hosts: only the receiver's disk fills up
+    p = make_pair(tmp_path)
+    receiver_config(tmp_path / "receiver.toml", listen_port=p.receiver_port,
+                    state=small_fs / "rstate", mirror_root=small_fs / "mirror",
+                    http_port=p.receiver_http)
+    dst = small_fs / "mirror" / "app1" / "docs"
+    (p.src / "before").write_text("before")
+    try:
+        p.receiver.start()
+        p.agent.start()
+        wait_converged(p.src, dst)
+        pid = p.receiver.pid
+        ballast = small_fs / "ballast"
+        _fill(ballast)
+        for i in range(40):  # small files: they go through the journal
+            (p.src / f"f{i:02d}").write_bytes(os.urandom(100_000))
+        wait_for(lambda: _full_disk_reported(p.receiver_status), 30,
+                 message="the full disk in /status")
+        ballast.unlink()  # the operator makes room
+        wait_converged(p.src, dst, timeout=90)
+        wait_for(lambda: not get_json(p.receiver_status)["datasets"][0].get("error"), 30,
+                 message="the error to clear")
+        assert p.receiver.pid == pid
+        _stop(p.receiver)
+    finally:
+        p.agent.kill()
+        p.receiver.kill()

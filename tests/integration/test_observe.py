@@ -55,9 +55,10 @@ def test_replay_lag_grows_while_the_receiver_is_stopped_and_returns_to_zero(pair
             (pair.src / "b").write_text("two")
             first = wait_for(lambda: replay_lag(pair.agent_status), 30,
                              message="replay lag on the agent while the receiver is stopped")
-            # it keeps growing, second by second, as the change stays unapplied
-            wait_for(lambda: (replay_lag(pair.agent_status) or 0) >= first + 2.0, 15,
-                     message="the lag to grow by 2 s")
+            # it keeps growing, second by second, as the change stays unapplied; and past
+            # 3.5 s, so that the change's latency must land above the 2.5 s bucket below
+            wait_for(lambda: (replay_lag(pair.agent_status) or 0) >= max(first + 2.0, 3.5),
+                     15, message="the lag to grow by 2 s, past 3.5 s")
             stalled = status_cmd("--url", f"127.0.0.1:{pair.agent_http}", "--max-lag", "1")
             assert stalled.returncode == 1, stalled.stdout + stalled.stderr
             assert "replay lag" in stalled.stdout and "above 1.0s" in stalled.stdout

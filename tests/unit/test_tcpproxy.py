@@ -147,3 +147,16 @@ async def test_stop_closes_listener_and_connections(echo_port: int) -> None:
     with pytest.raises(ConnectionRefusedError):
         await _connect(port)
     await proxy.stop()  # twice is fine
+
+
+async def test_cut_after_stops_at_the_mark(echo_port: int) -> None:
+    async with TcpProxy("127.0.0.1", echo_port) as proxy:
+        done = proxy.cut_after(100_000)
+        reader, writer = await _connect(proxy.port)
+        writer.write(os.urandom(1 << 20))
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1 << 20), DEADLINE)
+        await asyncio.wait_for(done.wait(), DEADLINE)
+        assert 100_000 <= proxy.bytes_up < 100_000 + 64 * 1024
+        assert proxy.paused and proxy.open_connections == 0
+        writer.transport.abort()

@@ -54,6 +54,7 @@ FRAMES = [
     Frame(9, End(DIGEST)),
     Frame(10, End(aborted=True)),
     Frame(11, End()),
+    Frame(12, file_header(resume_from=2)),        # continues a partial: all its blocks
 ]
 
 
@@ -168,6 +169,11 @@ VALID_LZ4 = Frame(1, Block(0, Codec.LZ4, 65536, b"\x1f\x00\x01\x00"))
     (VALID_FILE, _xattrs(1, key="user.\0"), "extended attribute"),
     (VALID_FILE, _xattrs(1, size=MAX_XATTR_VALUE + 1), "extended attribute"),
     (Frame(1, End(DIGEST)), _set(("end.digest", b"x" * 5)), "digest of 5 bytes"),
+    (VALID_FILE, _set(("header.resume_from", 3)), "resume from block 3"),  # 2 blocks
+    (VALID_FILE, _set(("header.resume_from", 1), ("header.base", pb.BASE_PREVIOUS),
+                      ("header.base_digest", DIGEST)), "resume from block 1"),
+    (Frame(1, Header(Op.MKDIR, "d", attrs=ATTRS)), _set(("header.resume_from", 1)),
+     "MKDIR record cannot resume"),
     (Frame(1, End()), lambda m: m.ClearField("end"), "without a body"),
 ])
 def test_frame_from_pb_refuses_malformed_frames(frame: Frame, mutate: Callable[[pb.Frame], None],

@@ -162,6 +162,18 @@ def test_only_changed_blocks_are_yielded(tmp_path: Path, name: str, edit: object
     assert _apply(old, state.size, blocks) == new
 
 
+@pytest.mark.parametrize("start", [0, 1, 7, 19, 20])
+def test_blocks_below_start_block_are_hashed_not_yielded(tmp_path: Path, start: int) -> None:
+    path = tmp_path / "f"
+    content = _random_file(path, 19 * BS + 500)
+    with FileReader(path, BS, start_block=start, chunk_size=4 * BS) as r:
+        chunks = list(r.chunks())
+        state = r.finish()
+    assert [b.index for b in _flat(chunks)] == list(range(start, 20))
+    assert all(chunks)
+    _check_state(state, path, content)  # the digest still covers every block
+
+
 def test_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty"
     path.write_bytes(b"")

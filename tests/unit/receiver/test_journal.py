@@ -7,12 +7,13 @@ import os
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from replicator.receiver.journal import (
+    DEFAULT_SEGMENT_SIZE,
     ENTRY_HEADER_SIZE,
     FILE_HEADER_SIZE,
     MAX_PAYLOAD,
@@ -389,14 +390,93 @@ def test_failed_fdatasync_stops_the_journal_until_reopened(
             j.sync()
     assert j.flushed_lsn == 1
     # a retry must not pretend that the lost pages are durable
-    for call in (j.sync, lambda: j.append(3, H, b""), j.discard_open, lambda: j.release(1)):
+    for call in (j.sync, lambda: j.append(3, H, b"")):
         with pytest.raises(OSError, match="reopen"):
             call()
+    j.discard_open()  # allowed, and leaves the tail to repair()
     assert list(j.entries(1, 1)) == want  # what was flushed can still be read
+    j.release(1)      # allowed: it never touches the segment being appended to
     j.close()
     j = reopen(jdir)
     assert j.flushed_lsn >= 1
     assert list(j.entries(1, 1)) == want
+    j.close()
+
+
+def _fail_with(errno_: int) -> Callable[..., None]:
+    def fail(*args: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+    return fail
+
+
+@pytest.mark.parametrize("where", ["fdatasync", "pwrite", "pwritev", "roll"])
+def test_repair_cuts_back_to_the_last_durable_record_and_appends_go_on(
+        jdir: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    j = reopen(jdir, segment_size=4096 if where == "roll" else DEFAULT_SEGMENT_SIZE)
+    want = fill(j, 1, [record(1, 1), record(2, 2)])
+    append(j, 3, record(3, 1))          # complete but never flushed
+    with monkeypatch.context() as m:
+        if where == "fdatasync":
+            m.setattr(os, "fdatasync", _fail_with(errno.EIO))
+            with pytest.raises(OSError):
+                j.sync()
+        elif where == "roll":
+            m.setattr(os, "fdatasync", _fail_with(errno.ENOSPC))
+            with pytest.raises(OSError):
+                append(j, 4, record(4, 3, 2000))   # the segment is full: a new one
+        else:
+            m.setattr(os, where, _fail_with(errno.ENOSPC))
+            with pytest.raises(OSError):
+                append(j, 4, record(4, 1, 100_000 if where == "pwritev" else 1_200_000))
+                j.sync()
+    assert j.failed is not None
+    j.discard_open()
+    j.repair()
+    assert j.failed is None
+    assert (j.written_lsn, j.flushed_lsn) == (2, 2)   # 3 is gone although it was written
+    want += fill(j, 3, [record(30, 1)])                # the agent sends 3 again
+    assert list(j.entries(1, 3)) == want
+    j.repair()  # nothing failed: no-op
+    j.close()
+    j = reopen(jdir)
+    assert j.flushed_lsn == 3
+    assert list(j.entries(1, 3)) == want
+    j.close()
+
+
+def test_repair_that_fails_again_can_be_retried(jdir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    j = reopen(jdir)
+    want = fill(j, 1, [record(1)])
+    append(j, 2, record(2))
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdatasync", _fail_with(errno.ENOSPC))
+        with pytest.raises(OSError):
+            j.sync()
+        m.setattr(os, "fsync", _fail_with(errno.EIO))
+        with pytest.raises(OSError):
+            j.repair()
+        assert j.failed is not None
+        with pytest.raises(OSError, match="reopen"):
+            j.append(2, H, b"")
+    j.repair()
+    want += fill(j, 2, [record(2)])
+    assert list(j.entries(1, 2)) == want
+    j.close()
+
+
+def test_repair_of_a_journal_with_nothing_durable_beyond_applied(
+        jdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = reopen(jdir, applied=7)
+    append(j, 8, record(8))
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdatasync", _fail_with(errno.ENOSPC))
+        with pytest.raises(OSError):
+            j.sync()
+    j.repair()
+    assert segments(jdir) == [] and (j.written_lsn, j.flushed_lsn) == (7, 7)
+    want = fill(j, 8, [record(8, 1)])
+    assert list(j.entries(8, 8)) == want
     j.close()
 
 

@@ -9,6 +9,7 @@ session close, no commit) and opening the dataset again, which runs the applier'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,8 @@ class Env:
         for o in self.session._open:
             if o is not None and o.fd >= 0:
                 os.close(o.fd)
+        if self.ds.partial is not None:
+            self.ds.partial.close()
         self.ds.journal._close_fd()
         self.ds.journal._opened = False
         self.ds.manifest.close()  # discards what was not committed, as a crash would
@@ -192,18 +195,114 @@ def test_corrupt_block_ends_the_stream_and_its_file(env: Env) -> None:
     with pytest.raises(ProtocolError):
         env.send(bad)
     asyncio.run(env.session._close())
-    assert env.incoming() == []
+    # a malformed frame ended the stream: nothing of it is kept for a resume
+    assert env.incoming() == [] and env.ds.partial is None
     assert env.ds.written_lsn == 0
 
 
-def test_stream_broken_mid_record_deletes_the_staged_file(env: Env) -> None:
-    r = new_file(1, "f", data(BIG))
-    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:5]))
+def broken_off(env: Env, r: Record, blocks: int) -> None:
+    """The record's header and first `blocks` blocks arrive, then the stream breaks."""
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:blocks]))
     assert len(env.incoming()) == 1
     asyncio.run(env.session._close())  # what the servicer does when the stream breaks
-    assert env.incoming() == []
-    # the next stream sends the record again, whole
     env.session = env._session()
+
+
+def test_stream_broken_mid_record_keeps_a_partial_the_next_stream_continues(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    broken_off(env, r, 3)
+    partial = env.ds.partial
+    assert partial is not None and partial.lsn == 1 and partial.blocks == 3
+    assert len(env.incoming()) == 1 and env.ds.written_lsn == 0
+    pos = partial.position()
+    assert (pos.path, pos.size, pos.blocks, pos.block_size) == (b"f", BIG, 3, BS)
+    # the next stream sends only the rest
+    resumed = dataclasses.replace(r.header, resume_from=3)
+    env.send(Frame(1, resumed), *(Frame(1, b) for b in r.blocks[3:]), Frame(1, r.end))
+    assert env.ds.partial is None
+    env.apply()
+    assert env.read("f") == data(BIG)
+    assert env.incoming() == [] and env.keeps() == []
+
+
+def test_a_partial_resumed_twice_still_ends_whole(env: Env) -> None:
+    r = new_file(1, "f", data(BIG, seed=9))
+    broken_off(env, r, 1)
+    env.send(Frame(1, dataclasses.replace(r.header, resume_from=1)), Frame(1, r.blocks[1]),
+             Frame(1, r.blocks[2]))
+    asyncio.run(env.session._close())
+    env.session = env._session()
+    assert env.ds.partial is not None and env.ds.partial.blocks == 3
+    env.send(Frame(1, dataclasses.replace(r.header, resume_from=3)),
+             *(Frame(1, b) for b in r.blocks[3:]), Frame(1, r.end))
+    env.apply()
+    assert env.read("f") == data(BIG, seed=9)
+
+
+def test_another_record_at_that_lsn_drops_the_partial(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    broken_off(env, r, 4)
+    other = data(BIG, seed=4)  # the file changed: the agent sends it whole
+    env.send_records(new_file(1, "f", other))
+    assert env.ds.partial is None
+    env.apply()
+    assert env.read("f") == other
+    assert env.incoming() == []
+
+
+@pytest.mark.parametrize("change", ["blocks", "size", "path", "lsn"])
+def test_a_resume_that_does_not_fit_ends_the_stream(env: Env, change: str) -> None:
+    r = new_file(1, "f", data(BIG))
+    broken_off(env, r, 2)
+    h, lsn = dataclasses.replace(r.header, resume_from=2), 1
+    if change == "blocks":
+        h = dataclasses.replace(h, resume_from=1)
+    elif change == "size":
+        h = dataclasses.replace(h, size=BIG + 1)
+    elif change == "path":
+        h = dataclasses.replace(h, path="g")
+    else:
+        env.send_records(delete(1, "x"))
+        lsn = 2
+    with pytest.raises(ProtocolError, match="does not hold"):
+        env.send(Frame(lsn, h))
+    asyncio.run(env.session._close())
+    assert env.ds.partial is None and env.incoming() == []
+
+
+def test_a_resume_with_no_partial_ends_the_stream(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    with pytest.raises(ProtocolError, match="does not hold"):
+        env.send(Frame(1, dataclasses.replace(r.header, resume_from=2)))
+
+
+def test_a_partial_whose_early_blocks_differ_fails_the_digest(env: Env) -> None:
+    # what the receiver holds of blocks 0-1 is not what the file holds now: the whole-file
+    # digest at the end catches it, and the receiver asks for the file whole
+    r = new_file(1, "f", data(BIG))
+    broken_off(env, r, 2)
+    now = new_file(1, "f", data(BIG, seed=8))
+    env.send(Frame(1, dataclasses.replace(now.header, resume_from=2)),
+             *(Frame(1, b) for b in now.blocks[2:]), Frame(1, now.end))
+    env.apply()
+    assert env.ds.applier.resync_paths == ["f"]
+    assert not (env.root / "mirror" / "f").exists()
+    assert env.incoming() == [] and env.keeps() == []
+
+
+def test_blocks_out_of_order_leave_no_partial(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), Frame(1, r.blocks[2]), Frame(1, r.blocks[0]))
+    asyncio.run(env.session._close())
+    assert env.ds.partial is None and env.incoming() == []
+
+
+def test_a_restart_forgets_the_partial_and_deletes_its_file(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    broken_off(env, r, 3)
+    assert env.ds.partial is not None
+    env.crash()  # the partial lived in memory only; recovery cleans its file up
+    assert env.ds.partial is None and env.incoming() == []
     env.send_records(r)
     env.apply()
     assert env.read("f") == data(BIG)
@@ -296,3 +395,12 @@ def test_journal_reset_orphans_are_removed_at_open(env: Env) -> None:
     env.crash()
     assert env.incoming() == []
     assert not (env.root / "mirror" / "f").exists()
+
+
+def test_a_header_inside_a_staged_record_ends_the_stream_and_its_file(env: Env) -> None:
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), Frame(1, r.blocks[0]))
+    with pytest.raises(ProtocolError, match="header inside record 1"):
+        env.send(Frame(2, r.header))
+    asyncio.run(env.session._close())
+    assert env.incoming() == [] and env.ds.partial is None
