@@ -504,9 +504,7 @@ class DirectorySource:
         for path, st in entries:
             if not (st_mod.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_READ_MAX):
                 continue
-            e = self.view.get(path)
-            if (e is None or e.kind != KIND_FILE or e.size != st.st_size
-                    or e.mtime_ns != st.st_mtime_ns or e.ino != st.st_ino):
+            if not _looks_same(self.view.get(path), st):
                 wanted.append(self.root / path)
         if len(wanted) >= PREFETCH_MIN_FILES:
             asyncio.get_running_loop().run_in_executor(None, prefetch, wanted)
@@ -581,8 +579,7 @@ class DirectorySource:
                             entry: Entry | None, first_seen: float) -> None:
         whole = (entry is None or entry.kind != KIND_FILE or not entry.digest
                  or path in self.force_whole)
-        if (not whole and entry is not None and entry.size == st.st_size
-                and entry.mtime_ns == st.st_mtime_ns and entry.ino == st.st_ino):
+        if entry is not None and not whole and _looks_same(entry, st):
             if entry.ctime_ns == st.st_ctime_ns and not _racy(entry):
                 return  # unchanged
             # same size and mtime: attributes only, or a write within one clock tick?
@@ -815,6 +812,13 @@ def _lstat(path: Path) -> os.stat_result | None:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _looks_same(entry: Entry | None, st: os.stat_result) -> bool:
+    """The view's file at this path has the size, mtime and inode `st` shows: its content
+    is probably unchanged (ctime and the racy rule decide whether to hash it)."""
+    return (entry is not None and entry.kind == KIND_FILE and entry.size == st.st_size
+            and entry.mtime_ns == st.st_mtime_ns and entry.ino == st.st_ino)
 
 
 def _racy(entry: Entry) -> bool:

@@ -487,17 +487,13 @@ class Applier:
         return True
 
     def _aborted(self, lsn: int) -> bool:
-        """Whether record `lsn` (complete in the journal) ends aborted: read ahead to its
-        End without decoding the blocks on the way."""
-        entries = self.journal.entries(lsn, lsn)
-        try:
-            for entry in entries:
-                if entry.lsn == lsn and entry.kind == EntryKind.END:
-                    end = decode_frame(entry.payload).body
-                    return not isinstance(end, End) or end.aborted
-        finally:
-            entries.close()  # type: ignore[attr-defined]
-        return True  # no end: the reader will say what is wrong
+        """Whether record `lsn` (complete in the journal) ends aborted, from its END
+        alone: its blocks are read once, when they are applied."""
+        payload = self.journal.end_payload(lsn)
+        if payload is None:
+            return True  # not in the journal: the reader will say what is wrong
+        end = decode_frame(payload).body
+        return not isinstance(end, End) or end.aborted
 
     def _patch_in_place(self, fd: int, reader: _RecordReader, h: Header,
                         old: ManifestEntry) -> bool:

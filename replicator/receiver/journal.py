@@ -66,6 +66,7 @@ _CRC = struct.Struct("<I")
 ENTRY_HEADER_SIZE = _FIELDS.size + _CRC.size
 SEGMENT_SUFFIX = ".seg"
 _LSN_DIGITS = 20
+END_TAIL = 4096  # an END entry (a digest and a flag) fits many times over in this
 
 
 class EntryKind(enum.IntEnum):
@@ -461,6 +462,39 @@ class Journal:
         if self._index and lo not in self._index:
             lo = max(lo, min(self._index))
         return self._entries(lo, to_lsn)
+
+    def end_payload(self, lsn: int) -> bytes | None:
+        """The payload of flushed record `lsn`'s END entry, read from the record's tail
+        without reading its blocks; None if the journal does not hold the record.
+
+        The END is the record's last entry and small, so it lies within END_TAIL bytes of
+        the record's end: the one offset there whose entry is an END of `lsn`, passes its
+        checksum and ends exactly at the record's end is it. JournalCorrupt if none does.
+        """
+        self._check_open()
+        located = self._index.get(lsn)
+        if located is None or lsn > self.flushed_lsn:
+            return None
+        seg, start, end = located
+        path = self.directory / segment_name(seg)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            tail_start = max(start, end - END_TAIL)
+            tail = _pread_exact(fd, end - tail_start, tail_start)
+            marker = _FIELDS.pack(ENTRY_MAGIC, EntryKind.END, lsn, 0)[:_FIELDS.size - 4]
+            at = tail.find(marker)
+            while at >= 0:
+                try:
+                    item = _EntryReader(fd, tail_start + at, end).next()
+                except _Bad:
+                    item = None
+                if item is not None and item[0] is EntryKind.END and item[1] == lsn \
+                        and tail_start + at + ENTRY_HEADER_SIZE + len(item[2]) == end:
+                    return item[2]
+                at = tail.find(marker, at + 1)
+        finally:
+            os.close(fd)
+        raise JournalCorrupt(f"journal {path}: record {lsn} has no END entry at its end")
 
     def _entries(self, lo: int, hi: int) -> Iterator[Entry]:
         segments = list(self._segments)

@@ -716,3 +716,37 @@ def test_throughput(jdir: Path) -> None:
     print(f"\njournal append+sync {size / (t1 - t0) / 1e6:.0f} MB/s ({t1 - t0:.2f} s), "
           f"read {size / (t2 - t1) / 1e6:.0f} MB/s ({t2 - t1:.2f} s), "
           f"open scan {t3 - t2:.2f} s")
+
+
+# ---- a record's END from its tail ----------------------------------------------------
+
+def fake_end(lsn: int) -> bytes:
+    """Bytes that look like the start of an END entry of `lsn`, inside another payload."""
+    import struct
+
+    return struct.pack("<2sBQI", b"Je", int(E), lsn, 20) + b"\0" * 24
+
+
+@pytest.mark.parametrize("blocks, block_size", [(0, 1000), (3, 1000), (50, 70_000)])
+def test_end_payload_reads_the_end_alone(jdir: Path, blocks: int, block_size: int) -> None:
+    j = Journal(jdir)
+    j.open(0)
+    recs = [record(1), record(2, blocks, block_size), record(3, 1)]
+    # a block of record 2 that ends with something shaped like its END: only the real
+    # one ends exactly at the record's end
+    recs[1].insert(-1, (B, payload(2, 99, 500) + fake_end(2)))
+    fill(j, 1, recs)
+    for n, rec in enumerate(recs, start=1):
+        assert j.end_payload(n) == rec[-1][1]
+    assert j.end_payload(4) is None
+    j.close()
+    j = reopen(jdir)  # the index rebuilt by the scan gives the same answers
+    assert j.end_payload(2) == recs[1][-1][1]
+    j.close()
+
+
+def test_end_payload_of_a_record_not_flushed_is_none(journal: Journal) -> None:
+    fill(journal, 1, [record(1)])
+    append(journal, 2, record(2))
+    assert journal.end_payload(1) == record(1)[-1][1]
+    assert journal.end_payload(2) is None
