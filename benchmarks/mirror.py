@@ -66,6 +66,8 @@ class MirrorProcess:
 
     Its stderr goes to `log_path`; `stop()` sends SIGTERM and waits."""
 
+    role = "mirror"  # the command of the process that serves /status
+
     def __init__(self, src: Path, dst: Path, state_dir: Path, log_path: Path,
                  command: list[str] | None = None) -> None:
         self.src, self.dst, self.state_dir, self.log_path = src, dst, state_dir, log_path
@@ -88,6 +90,11 @@ class MirrorProcess:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                           cwd=REPO_ROOT)
 
+    @property
+    def mirrored(self) -> Path:
+        """Where the mirrored tree lands."""
+        return self.dst
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -99,7 +106,7 @@ class MirrorProcess:
 
     def check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
-            raise MirrorUnavailable(f"replicator mirror exited {self._proc.returncode}: "
+            raise MirrorUnavailable(f"replicator {self.role} exited {self._proc.returncode}: "
                                     f"{self.log_tail()}")
 
     def _get(self, path: str) -> str | None:
@@ -169,13 +176,82 @@ class MirrorProcess:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        _stop(self._proc)
         self._proc = None
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+SPLIT_SOURCE = "bench"
+SPLIT_DATASET = "data"
+
+
+class SplitProcess(MirrorProcess):
+    """The deployed topology on one machine: `replicator receiver --config` and `replicator
+    agent --config` as two processes over loopback gRPC, instead of one `mirror` process.
+
+    `dst` is the receiver's mirror_root; the tree lands in `dst/bench/data` (`mirrored`).
+    Both configs go to `state_dir`; `/status` and `/metrics` are the receiver's. Both
+    processes log to `log_path`."""
+
+    role = "receiver"
+
+    def __init__(self, src: Path, dst: Path, state_dir: Path, log_path: Path,
+                 command: list[str] | None = None) -> None:
+        super().__init__(src, dst, state_dir, log_path, command)
+        self._agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def mirrored(self) -> Path:
+        return self.dst / SPLIT_SOURCE / SPLIT_DATASET
+
+    def _configs(self) -> tuple[Path, Path]:
+        grpc_port = free_port()
+        receiver = self.state_dir / "receiver.toml"
+        receiver.write_text(
+            f'listen = "127.0.0.1:{grpc_port}"\n'
+            f"state_dir = {json.dumps(str(self.state_dir / 'receiver'))}\n"
+            f"mirror_root = {json.dumps(str(self.dst))}\n"
+            f'http = "127.0.0.1:{self.port}"\n')
+        agent = self.state_dir / "agent.toml"
+        agent.write_text(
+            f'source_id = "{SPLIT_SOURCE}"\n'
+            f'receiver = "127.0.0.1:{grpc_port}"\n'
+            f"state_dir = {json.dumps(str(self.state_dir / 'agent'))}\n"
+            f'[[datasets]]\nname = "{SPLIT_DATASET}"\ntype = "directory"\n'
+            f"path = {json.dumps(str(self.src))}\n")
+        return receiver, agent
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.dst.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        receiver, agent = self._configs()
+        with open(self.log_path, "ab") as log:
+            self.started_at = time.perf_counter()
+            self._proc = subprocess.Popen([*self.command, "receiver", "--config", str(receiver)],
+                                          stdout=subprocess.DEVNULL, stderr=log, cwd=REPO_ROOT)
+            self._agent = subprocess.Popen([*self.command, "agent", "--config", str(agent)],
+                                           stdout=subprocess.DEVNULL, stderr=log, cwd=REPO_ROOT)
+
+    def check_alive(self) -> None:
+        super().check_alive()
+        if self._agent is not None and self._agent.poll() is not None:
+            raise MirrorUnavailable(f"replicator agent exited {self._agent.returncode}: "
+                                    f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        """The agent first, as an operator would stop a primary's agent, then the receiver."""
+        _stop(self._agent)
+        self._agent = None
+        super().stop()

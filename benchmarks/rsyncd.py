@@ -2,7 +2,8 @@
 
 The daemon serves one read-write module from a temporary directory, without chroot, as
 the current user. Clients push with plain `rsync -a --no-whole-file --stats`: what an
-operator would type. (Whole-file is already off for a daemon destination; the option is
+operator would type, and the same with `--fsync` for a durable, like-for-like baseline.
+(Whole-file is already off for a daemon destination; the option is
 spelled out so the delta algorithm is used even if rsync's heuristics change.)
 """
 
@@ -98,9 +99,13 @@ class RsyncDaemon:
     def url(self, subpath: str) -> str:
         return f"rsync://127.0.0.1:{self.port}/{MODULE}/{subpath.strip('/')}/"
 
-    def sync(self, src: Path, subpath: str) -> RsyncResult:
-        """Push the contents of directory `src` into module/subpath; timed, wall clock."""
-        cmd = [self.rsync, "-a", "--no-whole-file", "--stats", f"{src}/", self.url(subpath)]
+    def sync(self, src: Path, subpath: str, *, fsync: bool = False) -> RsyncResult:
+        """Push the contents of directory `src` into module/subpath; timed, wall clock.
+
+        `fsync`: with `--fsync`, so that the daemon fsyncs every file it writes before
+        rsync exits: durable, like replicator's "applied"."""
+        cmd = [self.rsync, "-a", "--no-whole-file", "--stats", *(["--fsync"] if fsync else []),
+               f"{src}/", self.url(subpath)]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=SYNC_TIMEOUT)
         seconds = time.perf_counter() - t0

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=20_000, help="small files (default 20000)")
     p.add_argument("--latency-writes", type=int, default=100)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-rsync-fsync", dest="rsync_fsync", action="store_false",
+                   help="skip the initial syncs' extra rsync --fsync runs")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip the initial syncs' extra agent + receiver (two-process) runs")
     p.add_argument("--replicator", default=" ".join(REPLICATOR),
                    help="command that runs replicator (default: this python -m replicator)")
     p.add_argument("--rsync", default=RSYNC)
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(workdir=work, reps=args.reps, big_size=args.size_mib * MIB,
                         small_files=args.files, latency_writes=args.latency_writes,
                         seed=args.seed, replicator=args.replicator.split(),
+                        rsync_fsync=args.rsync_fsync, split=args.split,
                         drop_caches=args.drop_caches == "auto" and drop_caches())
     rsyncd = RsyncDaemon(work / "rsync-module", work / "rsyncd", args.rsync)
     bench = Bench(settings, rsyncd)

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import datagen
-from benchmarks.mirror import MirrorFailed, MirrorProcess, MirrorUnavailable, is_caught_up
+from benchmarks.mirror import (
+    SPLIT_DATASET,
+    SPLIT_SOURCE,
+    MirrorFailed,
+    MirrorProcess,
+    MirrorUnavailable,
+    SplitProcess,
+    is_caught_up,
+)
 from benchmarks.report import MIB, Row, Target, median, percentile
 from benchmarks.rsyncd import RsyncDaemon
 from benchmarks.util import count_files, drop_caches, files_equal, trees_equal
@@ -54,6 +62,8 @@ class Settings:
     latency_hz: float = 20.0
     drop_caches: bool = True
     seed: int = 42
+    rsync_fsync: bool = True   # also time rsync --fsync on the initial syncs
+    split: bool = True         # also time agent + receiver as two processes there
     replicator: list[str] | None = None
 
 
@@ -97,22 +107,23 @@ class Bench:
             self.notes.append("could not drop the page cache: runs are warm after the first")
         log.info("page cache dropped seconds=%.1f", time.perf_counter() - t0)
 
-    def rsync(self, src: Path, subpath: str) -> tuple[float, int]:
+    def rsync(self, src: Path, subpath: str, *, fsync: bool = False) -> tuple[float, int]:
         self.cold()
-        r = self.rsyncd.sync(src, subpath)
-        log.info("rsync done module_path=%s seconds=%.3f wire_bytes=%d",
-                 subpath, r.seconds, r.wire_bytes)
+        r = self.rsyncd.sync(src, subpath, fsync=fsync)
+        log.info("rsync done module_path=%s fsync=%s seconds=%.3f wire_bytes=%d",
+                 subpath, fsync, r.seconds, r.wire_bytes)
         return r.seconds, r.wire_bytes
 
-    def replicator(self, src: Path, dst: Path, state: Path,
-                   dst_ready: Callable[[], bool]) -> tuple[float, int | None] | None:
-        """Start a mirror, time it to caught up, read the wire bytes, stop it. None when
-        replicator cannot run (then its columns read n/a)."""
+    def replicator(self, src: Path, dst: Path, state: Path, dst_ready: Callable[[], bool],
+                   *, split: bool = False) -> tuple[float, int | None] | None:
+        """Start a mirror (`split`: a receiver and an agent, with `dst` as mirror root),
+        time it to caught up, read the wire bytes, stop it. None when replicator cannot
+        run (then its columns read n/a)."""
         if self.replicator_error is not None or self._failed_in == self.current:
             return None
         self.cold()
         self._runs += 1
-        proc = self._mirror(src, dst, state, f"{self.current}-{self._runs}")
+        proc = self._mirror(src, dst, state, f"{self.current}-{self._runs}", split=split)
         try:
             proc.start()
             done = proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL, dst_ready)
@@ -126,11 +137,13 @@ class Bench:
         log.info("replicator done src=%s seconds=%.3f wire_bytes=%s", src.name, seconds, wire)
         return seconds, wire
 
-    def _mirror(self, src: Path, dst: Path, state: Path, name: str) -> MirrorProcess:
+    def _mirror(self, src: Path, dst: Path, state: Path, name: str, *,
+                split: bool = False) -> MirrorProcess:
         logs = self._dir("logs")
         logs.mkdir(exist_ok=True)
-        return MirrorProcess(src, dst, state, logs / f"mirror-{name}.log",
-                             self.settings.replicator)
+        kind = SplitProcess if split else MirrorProcess
+        return kind(src, dst, state, logs / f"{'split' if split else 'mirror'}-{name}.log",
+                    self.settings.replicator)
 
     def _failed(self, proc: MirrorProcess, e: Exception) -> None:
         """A mirror that never answered cannot run at all: skip replicator everywhere.
@@ -164,11 +177,53 @@ class Bench:
             return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
         return ready
 
-    def _ordered(self, rep: int, first: Callable[[], None],
-                 second: Callable[[], None]) -> None:
-        """Alternate which tool goes first, so neither always gets the warmer machine."""
-        for step in ((first, second) if rep % 2 == 0 else (second, first)):
+    def _ordered(self, rep: int, *steps: Callable[[], None]) -> None:
+        """Reverse the order of the runs every other repetition, so that no tool always
+        gets the warmer (or the busier) machine."""
+        for step in (steps if rep % 2 == 0 else reversed(steps)):
             step()
+
+    def _extra_rows(self, main: Row, what: str) -> tuple[Row | None, Row | None]:
+        """The rows that put a timed initial sync in context, when asked for: replicator's
+        figures against `rsync --fsync` (durable, like for like), and the two-process
+        topology's figures against plain rsync. They share the main row's lists."""
+        target = main.target
+        fsync = Row(f"  {what}: against rsync --fsync (durable, like replicator)", "s",
+                    replicator=main.replicator, target=target) \
+            if self.settings.rsync_fsync else None
+        split = Row(f"  {what}: agent and receiver as two processes", "s",
+                    rsync=main.rsync, target=target) if self.settings.split else None
+        return fsync, split
+
+    def _split_dirs(self, name: str) -> tuple[Path, Path]:
+        """The two-process runs' mirror root and state dir."""
+        return self._dir(f"dst-{name}-split"), self._dir(f"state-{name}-split")
+
+    def _context_runs(self, fsync: Row | None, split: Row | None, src: Path, name: str,
+                      ready: Callable[[Path], Callable[[], bool]],
+                      same: Callable[[Path], bool]) -> list[Callable[[], None]]:
+        """One repetition's runs for the rows of `_extra_rows`: `rsync --fsync` into the
+        module's `name`, and the two-process topology. `ready(tree)` is the cheap check that
+        a tree has arrived, `same(tree)` the full comparison with the source."""
+        runs: list[Callable[[], None]] = []
+        if fsync is not None:
+            def run_rsync_fsync() -> None:
+                rs_dst = self.rsyncd.root / name
+                self._fresh(rs_dst)
+                fsync.rsync.append(self.rsync(src, name, fsync=True)[0])
+                self._check(same(rs_dst), f"rsync --fsync {name}")
+            runs.append(run_rsync_fsync)
+        if split is not None:
+            def run_split() -> None:
+                root, state = self._split_dirs(name)
+                tree = root / SPLIT_SOURCE / SPLIT_DATASET
+                self._fresh(root, state)
+                r = self.replicator(src, root, state, ready(tree), split=True)
+                if r is not None:
+                    split.replicator.append(r[0])
+                    self._check(same(tree), f"replicator agent + receiver {name}")
+            runs.append(run_split)
+        return runs
 
     # --- data ------------------------------------------------------------------------
 
@@ -199,6 +254,13 @@ class Bench:
         w = Row(f"initial sync, {label} file: bytes on the wire", "MiB")
         src, rs_dst = self.big_src.parent, self.rsyncd.root / "big"
         dst, state = self._dir("dst-big"), self._dir("state-big")
+        fsync, split = self._extra_rows(t, label)
+
+        def big_ready(tree: Path) -> Callable[[], bool]:
+            return self._same_file(self.big_src, tree / "big.bin")
+
+        def big_same(tree: Path) -> bool:
+            return files_equal(self.big_src, tree / "big.bin")
 
         for rep in range(self.settings.reps):
             def run_rsync() -> None:
@@ -212,18 +274,19 @@ class Bench:
             def run_replicator() -> None:
                 self._fresh(dst, state)
                 self._synced.discard("big:replicator")
-                r = self.replicator(src, dst, state,
-                                    self._same_file(self.big_src, dst / "big.bin"))
+                r = self.replicator(src, dst, state, big_ready(dst))
                 if r is None:
                     return
                 t.replicator.append(r[0])
                 if r[1] is not None:
                     w.replicator.append(r[1] / MIB)
-                self._check(files_equal(self.big_src, dst / "big.bin"), "replicator big file")
+                self._check(big_same(dst), "replicator big file")
                 self._synced.add("big:replicator")
 
-            self._ordered(rep, run_rsync, run_replicator)
-        self.rows += [t, w]
+            self._ordered(rep, run_rsync, run_replicator,
+                          *self._context_runs(fsync, split, src, "big", big_ready, big_same))
+        self._fresh(*self._split_dirs("big"))
+        self.rows += [t, *filter(None, (fsync, split)), w]
 
     # --- 2. initial sync of many small files -----------------------------------------
 
@@ -236,8 +299,13 @@ class Bench:
         rs_dst, dst, state = self.rsyncd.root / "small", self._dir("dst-small"), \
             self._dir("state-small")
 
-        def all_there() -> bool:
-            return count_files(dst) >= s.small_files
+        fsync, split = self._extra_rows(t, f"{s.small_files} files")
+
+        def small_ready(tree: Path) -> Callable[[], bool]:
+            return lambda: count_files(tree) >= s.small_files
+
+        def small_same(tree: Path) -> bool:
+            return trees_equal(src, tree)
 
         for rep in range(s.reps):
             def run_rsync() -> None:
@@ -247,16 +315,17 @@ class Bench:
 
             def run_replicator() -> None:
                 self._fresh(dst, state)
-                r = self.replicator(src, dst, state, all_there)
+                r = self.replicator(src, dst, state, small_ready(dst))
                 if r is None:
                     return
                 t.replicator.append(r[0])
                 self._check(trees_equal(src, dst), "replicator small files")
 
-            self._ordered(rep, run_rsync, run_replicator)
+            self._ordered(rep, run_rsync, run_replicator, *self._context_runs(
+                fsync, split, src, "small", small_ready, small_same))
         # 20k files are cheap to make again but slow to delete: drop them now
-        self._fresh(rs_dst, dst, state)
-        self.rows.append(t)
+        self._fresh(rs_dst, dst, state, *self._split_dirs("small"))
+        self.rows += [t, *filter(None, (fsync, split))]
 
     # --- 3. resync after 1% scattered change ------------------------------------------
 

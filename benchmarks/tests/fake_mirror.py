@@ -3,6 +3,10 @@
 
 It polls SRC every 2 ms and copies any file whose size, mtime or ctime changed, one LSN per
 copy; it reports `catching_up` until its first pass is done, `streaming` after.
+
+`receiver --config R` and `agent --config A` play the two-process topology: the fake agent
+only waits for SIGTERM, and the fake receiver does the copying, reading the agent's source
+and dataset from the `agent.toml` beside its own config (a fake's shortcut).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -67,35 +72,20 @@ def serve(state: State, host: str, port: int) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--version", action="store_true")
-    p.add_argument("command", nargs="?")
-    p.add_argument("src", nargs="?", type=Path)
-    p.add_argument("dst", nargs="?", type=Path)
-    p.add_argument("--http")
-    p.add_argument("--state-dir")
-    args = p.parse_args()
-    if args.version:
-        print("replicator fake")
-        return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    state = State()
-    host, port = args.http.rsplit(":", 1)
-    serve(state, host, int(port))
+def copy_forever(state: State, src: Path, dst_root: Path) -> None:
     seen: dict[Path, tuple[int, int, int]] = {}
     while True:
-        for dirpath, _, names in os.walk(args.src):
+        for dirpath, _, names in os.walk(src):
             for name in names:
-                src = Path(dirpath, name)
-                st = src.stat()
+                path = Path(dirpath, name)
+                st = path.stat()
                 key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                rel = src.relative_to(args.src)
+                rel = path.relative_to(src)
                 if seen.get(rel) == key:
                     continue
-                dst = args.dst / rel
+                dst = dst_root / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst.with_name(dst.name + ".tmp"))
+                shutil.copy2(path, dst.with_name(dst.name + ".tmp"))
                 os.replace(dst.with_name(dst.name + ".tmp"), dst)
                 seen[rel] = key
                 with state.lock:
@@ -105,6 +95,37 @@ def main() -> int:
             # FAKE_MIRROR_STATE=error plays a mirror whose applier has stopped
             state.state = os.environ.get("FAKE_MIRROR_STATE", "streaming")
         time.sleep(POLL)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--version", action="store_true")
+    p.add_argument("command", nargs="?")
+    p.add_argument("src", nargs="?", type=Path)
+    p.add_argument("dst", nargs="?", type=Path)
+    p.add_argument("--http")
+    p.add_argument("--state-dir")
+    p.add_argument("--config", type=Path)
+    args = p.parse_args()
+    if args.version:
+        print("replicator fake")
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.command == "agent":
+        while True:
+            time.sleep(1)
+    if args.command == "receiver":
+        conf = tomllib.loads(args.config.read_text())
+        agent = tomllib.loads(args.config.with_name("agent.toml").read_text())
+        http, src = conf["http"], Path(agent["datasets"][0]["path"])
+        dst = Path(conf["mirror_root"], agent["source_id"], agent["datasets"][0]["name"])
+    else:
+        http, src, dst = args.http, args.src, args.dst
+    state = State()
+    host, port = http.rsplit(":", 1)
+    serve(state, host, int(port))
+    copy_forever(state, src, dst)
+    return 0
 
 
 if __name__ == "__main__":

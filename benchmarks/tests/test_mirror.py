@@ -11,6 +11,7 @@ from benchmarks.mirror import (
     MirrorFailed,
     MirrorProcess,
     MirrorUnavailable,
+    SplitProcess,
     is_caught_up,
     parse_wire_bytes,
 )
@@ -93,5 +94,42 @@ def test_a_dataset_stuck_in_error_fails_fast(tmp_path: Path,
         with pytest.raises(MirrorFailed, match="in error"):
             proc.wait_caught_up(30)
         assert proc.answered
+    finally:
+        proc.stop()
+
+
+def test_the_two_process_topology_with_the_real_replicator(tmp_path: Path) -> None:
+    """SplitProcess's configs are what the real daemons accept, and the tree lands where
+    `mirrored` says."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"y" * 5000)
+    proc = SplitProcess(src, tmp_path / "root", tmp_path / "state", tmp_path / "log")
+    assert proc.mirrored == tmp_path / "root" / "bench" / "data"
+    try:
+        proc.start()
+        proc.wait_caught_up(60, dst_ready=lambda: files_equal(src / "d" / "f",
+                                                              proc.mirrored / "d" / "f"))
+        ds = proc.dataset()
+        assert ds is not None and ds["source"] == "bench" and ds["applied_lsn"] >= 1
+        assert (proc.wire_bytes() or 0) > 0
+    finally:
+        proc.stop()
+    assert proc.status() is None
+
+
+def test_a_dead_agent_is_reported(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    # the fake receiver serves; an agent command that exits at once stands for a dead agent
+    failing = [sys.executable, "-c",
+               "import sys, runpy; sys.argv[0] = " + repr(FAKE[1]) + "; "
+               "sys.exit('agent: gone') if sys.argv[1] == 'agent' else "
+               "runpy.run_path(sys.argv[0], run_name='__main__')"]
+    proc = SplitProcess(src, tmp_path / "root", tmp_path / "state", tmp_path / "log", failing)
+    try:
+        proc.start()
+        with pytest.raises(MirrorUnavailable, match="agent exited"):
+            proc.wait_caught_up(30)
     finally:
         proc.stop()
