@@ -8,6 +8,7 @@ prints medians over the repetitions, the ratio replicator/rsync and the project'
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.mirror import REPLICATOR  # noqa: E402
+from benchmarks.mirror import REPLICATOR, REPO_ROOT  # noqa: E402
 from benchmarks.report import MIB, as_json, render  # noqa: E402
 from benchmarks.rsyncd import RSYNC, RsyncDaemon  # noqa: E402
 from benchmarks.scenarios import BENCHMARKS, Bench, Settings  # noqa: E402
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     names = args.only or list(BENCHMARKS)
+    # an installed package has its bytecode compiled (pip does it): so must the checkout
+    # the benchmark runs, else every timed start compiles it anew, as it does under
+    # PYTHONDONTWRITEBYTECODE
+    compileall.compile_dir(REPO_ROOT / "replicator", quiet=1)
     work = Path(tempfile.mkdtemp(prefix="replicator-bench-", dir=args.workdir))
     settings = Settings(workdir=work, reps=args.reps, big_size=args.size_mib * MIB,
                         small_files=args.files, latency_writes=args.latency_writes,
