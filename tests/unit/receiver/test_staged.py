@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from replicator.receiver.journal import EntryKind
 from replicator.receiver.mirror import INCOMING_PREFIX
 from replicator.receiver.session import Session
 from replicator.wire import pb
-from replicator.wire.convert import frame_to_pb
+from replicator.wire.convert import batch_message_size, frame_to_pb
 from tests.unit.receiver.test_applier import BS, data, delete, new_file
 
 STAGE_MIN = 64 << 10   # small for the tests; records from here on are staged
@@ -63,7 +64,7 @@ class Env:
         batch = pb.Batch()
         for f in frames:
             frame_to_pb(0, f, batch.frames.add())
-        touched, error = self.session._ingest(batch)
+        touched, error = self.session._ingest([batch])
         if error is not None:
             raise error
 
@@ -404,3 +405,55 @@ def test_a_header_inside_a_staged_record_ends_the_stream_and_its_file(env: Env) 
         env.send(Frame(2, r.header))
     asyncio.run(env.session._close())
     assert env.incoming() == [] and env.ds.partial is None
+
+
+def _batch_of(*records: Record) -> pb.AgentMessage:
+    m = pb.AgentMessage()
+    for f in (f for r in records for f in r.frames()):
+        frame_to_pb(0, f, m.batch.frames.add())
+    return m
+
+
+async def test_batches_that_wait_for_the_worker_share_one_group_commit(env: Env) -> None:
+    """While the worker commits the first batch, nine more arrive: they go to the worker
+    together and are made durable by one fsync, not nine; every record lands, in order."""
+    journal = env.ds.journal
+    real_sync = journal.sync
+    syncs: list[int] = []
+    in_sync, release = threading.Event(), threading.Event()
+
+    def sync() -> None:
+        syncs.append(journal.written_lsn)
+        if len(syncs) == 1:
+            in_sync.set()
+            release.wait(10)
+        real_sync()
+
+    journal.sync = sync  # type: ignore[method-assign]
+    batches = [_batch_of(new_file(i, f"f{i}", data(100, i))) for i in range(1, 11)]
+
+    async def stream() -> AsyncIterator[pb.AgentMessage]:
+        yield batches[0]
+        assert await asyncio.to_thread(in_sync.wait, 10)
+        for b in batches[1:]:
+            yield b
+        release.set()  # all nine are in the inbox by now
+
+    await env.session._read(stream())
+    assert syncs == [1, 10]
+    assert env.ds.flushed_lsn == 10
+    assert env.session._stream_bytes == sum(batch_message_size(b.batch) for b in batches)
+    env.apply()
+    for i in range(1, 11):
+        assert (env.ds.mirror.root / f"f{i}").read_bytes() == data(100, i)
+
+
+async def test_a_bad_message_ends_the_stream_after_the_batches_before_it(env: Env) -> None:
+    async def stream() -> AsyncIterator[pb.AgentMessage]:
+        for i in range(1, 4):
+            yield _batch_of(new_file(i, f"f{i}", data(10, i)))
+        yield pb.AgentMessage(hello=pb.Hello())
+
+    with pytest.raises(ProtocolError, match="unexpected hello"):
+        await env.session._read(stream())
+    assert env.ds.flushed_lsn == 3
