@@ -65,6 +65,12 @@ class SourceUnsafe(ReplicatorError):
     transient = True
 
 
+class StateUnwritable(ReplicatorError):
+    """The agent cannot write its own state (its disk is full or failing); shipping paused."""
+
+    transient = True
+
+
 class PeerUnavailable(ReplicatorError):
     """The peer cannot be reached."""
 

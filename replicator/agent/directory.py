@@ -31,6 +31,7 @@ import contextlib
 import errno
 import logging
 import os
+import sqlite3
 import stat as st_mod
 import time
 from collections import Counter
@@ -61,7 +62,7 @@ from replicator.agent.watcher import RESCAN, Watcher
 from replicator.config import DatasetConfig
 from replicator.core.blocks import block_count
 from replicator.core.records import Attrs, Base, End, Frame, Header, Op
-from replicator.errors import SourceUnsafe
+from replicator.errors import SourceUnsafe, StateUnwritable
 from replicator.wire import pb
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ DELETE_MAX_HOLD = 1.0           # ...whose other half is still in the watcher, b
 RACY_MARGIN_NS = 50_000_000     # an mtime this close to the stat time cannot be trusted
 ACK_COMMIT_INTERVAL = 0.2       # seconds between index commits of acknowledged records
 ACK_COMMIT_MAX_RECORDS = 20_000  # ...or sooner when this many records wait in memory
+STATE_RETRY_INITIAL = 0.2       # seconds before the index is written again after a failure...
+STATE_RETRY_MAX = 10.0          # ...doubling up to this while its disk stays full
 ERROR_LOG_INTERVAL = 60.0       # the same per-path error is logged at most this often
 ERROR_KEYS_MAX = 10_000         # distinct error keys remembered for that
 
@@ -112,7 +115,12 @@ class DirectorySource:
         self.excludes = Excludes(config.exclude)
         self.with_owner = os.geteuid() == 0 if with_owner is None else with_owner
         self.link = link
-        self.index = Index(state_dir / "index.db")
+        try:
+            self.index = Index(state_dir / "index.db")
+        except (sqlite3.OperationalError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) else e
+            raise StateUnwritable(f"dataset {self.name}: cannot open the agent index in "
+                                  f"{state_dir}: {reason}") from None
         self.view = View(self.index)
         self.dataset = link.add(self)
         self.state = "starting"
@@ -145,6 +153,8 @@ class DirectorySource:
         self._wake = asyncio.Event()
         self._error_logged: dict[str, float] = {}
         self._xattrs_supported = True
+        # while the index cannot be written: the delay before the next try (else None)
+        self._state_retry: float | None = None
 
     # ---- Endpoint ----
 
@@ -153,13 +163,7 @@ class DirectorySource:
 
     def on_welcome(self, generation: int, position: pb.DatasetPosition) -> None:
         flushed = position.flushed_lsn
-        if flushed < self.index.acked_lsn:
-            log.warning("receiver lost acknowledged records, resending everything dataset=%s "
-                        "receiver_flushed=%d agent_acked=%d", self.name, flushed,
-                        self.index.acked_lsn)
-            self.view.reset()
-        else:
-            self.view.rewind(flushed)
+        self._rewind(flushed)
         lost = self.unapplied.oldest_after(flushed)
         if lost:
             self.rescan_first_seen = min(lost, self.rescan_first_seen or lost)
@@ -198,26 +202,88 @@ class DirectorySource:
             self._wake.set()
         self._update_state()
 
+    def _rewind(self, flushed: int) -> None:
+        """The view as of the receiver's flushed LSN (see on_welcome)."""
+        try:
+            if flushed < self.index.acked_lsn:
+                log.warning("receiver lost acknowledged records, resending everything "
+                            "dataset=%s receiver_flushed=%d agent_acked=%d", self.name,
+                            flushed, self.index.acked_lsn)
+                try:
+                    self.view.reset()
+                except sqlite3.OperationalError as e:
+                    # nothing changed: the link reconnects (with backoff) and tries again
+                    self._state_unwritable(e)
+                    raise StateUnwritable(self.error) from None
+            else:
+                self.view.rewind(flushed)  # rewound in memory even when this raises
+        except sqlite3.OperationalError as e:
+            self._state_unwritable(e)
+            return
+        if self._state_retry is not None:
+            self._commit_acks()
+
     def _schedule_ack_commit(self) -> None:
         """Acks move the index in groups: one transaction per ACK_COMMIT_INTERVAL.
 
         Nothing is at risk meanwhile: the records are saved as in flight, and a restart
         commits them from the receiver's flushed position.
         """
-        if self.view.in_flight >= ACK_COMMIT_MAX_RECORDS:
+        if self.view.in_flight >= ACK_COMMIT_MAX_RECORDS and self._state_retry is None:
             self._commit_acks()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_COMMIT_INTERVAL,
                                                                     self._commit_acks)
 
     def _commit_acks(self) -> None:
+        """Commits the acknowledged records to the index; after a failure, also saves the
+        records waiting to go out, so that success means nothing is left to write."""
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        self.view.acked(min(self.flushed_lsn, self.next_lsn - 1))
+        try:
+            self.view.acked(min(self.flushed_lsn, self.next_lsn - 1))
+            if self._state_retry is not None:
+                self.view.save()
+        except sqlite3.OperationalError as e:
+            self._state_unwritable(e)
+            return
+        self._state_writable()
 
     def before_send(self) -> None:
-        self.view.save()
+        """Raises StateUnwritable when the records cannot be saved: the link holds them."""
+        try:
+            self.view.save()
+        except sqlite3.OperationalError as e:
+            self._state_unwritable(e)
+            raise StateUnwritable(self.error) from None
+        if self._state_retry is not None:
+            self._commit_acks()
+
+    def _state_unwritable(self, e: sqlite3.OperationalError) -> None:
+        """The index cannot be written (its disk is full or failing). It is atomic, so
+        nothing is half-written: what waits stays in memory, no new record is made (the
+        reconcile loop pauses), and the write is tried again with capped backoff."""
+        if self._state_retry is None:  # a new episode: counted once, logged by _set_error
+            self._state_retry = STATE_RETRY_INITIAL
+            self.error_kinds["state"] += 1
+        self._set_error(f"cannot save agent state in {self.index.path.parent}: {e}")
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(self._state_retry,
+                                                                    self._commit_acks)
+            self._state_retry = min(self._state_retry * 2, STATE_RETRY_MAX)
+
+    def _state_writable(self) -> None:
+        if self._state_retry is None:
+            return
+        self._state_retry = None
+        log.info("agent state writable again, dataset recovered dataset=%s", self.name)
+        # a guard error this one replaced is found again by the next check of the root
+        self.error = None
+        self.state = "catching_up" if self.link.connected.is_set() else "starting"
+        self._update_state()
+        self.link.heartbeat_soon()
+        self._wake.set()
 
     def on_disconnect(self) -> None:
         if self.state != "error":
@@ -267,6 +333,8 @@ class DirectorySource:
                 await watcher.stop()
             with contextlib.suppress(Exception):
                 self._commit_acks()
+            if self._ack_timer is not None:  # a retry after a failed write
+                self._ack_timer.cancel()
             self.index.close()
 
     async def _watch(self, watcher: Watcher) -> None:
@@ -293,7 +361,7 @@ class DirectorySource:
     async def _reconcile_loop(self) -> None:
         while True:
             generation = await self.link.wait_connected()
-            if not (self.full_rescan or self.dirty):
+            if not (self.full_rescan or self.dirty) or self._state_retry is not None:
                 self._update_state()
                 self._wake.clear()
                 # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation

@@ -259,6 +259,11 @@ class Index:
                 return db
             log.warning("index of unknown format, rebuilding path=%s version=%s",
                         self.path, version)
+        except sqlite3.OperationalError:
+            # a full or failing disk, not a bad file: discarding it would cost a full resend
+            if db is not None:
+                db.close()
+            raise
         except sqlite3.DatabaseError as e:
             log.warning("index unreadable, rebuilding path=%s error=%s", self.path, e)
         if db is not None:
@@ -612,13 +617,29 @@ class View:
 
         A flushed_lsn below the index's acked_lsn (the receiver lost records) leaves
         acked_lsn where it is: deciding to reset is the caller's.
+
+        Raises sqlite3.OperationalError when the index cannot be written (its disk is full);
+        the view is rewound all the same, and a later `acked` commits what was flushed.
         """
-        self.acked(flushed_lsn)
-        self._flights.clear()
-        self._unsaved.clear()
-        self._index.drop_inflight(max(flushed_lsn, self._index.acked_lsn))
-        self._last_lsn = self._index.acked_lsn
-        self._load()
+        keep = [f for f in self._flights if f.lsn <= flushed_lsn]
+        unsaved = {f.lsn for f in self._unsaved}
+        try:
+            self.acked(flushed_lsn)
+            keep = []
+            self._index.drop_inflight(max(flushed_lsn, self._index.acked_lsn))
+        finally:
+            # rewound in memory even if the index cannot be written (a full disk): the
+            # records the receiver flushed stay in flight until `acked` commits them. Saved
+            # rows above flushed_lsn may stay behind: harmless, as a restarted agent rewinds
+            # before it sends, and a new record saved under their LSN replaces them.
+            self._flights.clear()
+            self._unsaved.clear()
+            self._last_lsn = self._index.acked_lsn
+            self._load()
+            for f in keep:
+                flight = self._record(f.lsn, f.mutations)
+                if f.lsn in unsaved:
+                    self._unsaved.append(flight)
 
     def reset(self) -> None:
         """Empty the index (acked_lsn = 0) and the view."""

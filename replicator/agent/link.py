@@ -30,6 +30,7 @@ import grpc
 
 from replicator import __version__
 from replicator.core.records import Frame
+from replicator.errors import StateUnwritable
 from replicator.wire import PROTOCOL_VERSION, pb, rpc
 from replicator.wire.convert import batch_message_size, frame_to_pb
 
@@ -84,7 +85,11 @@ class Endpoint(Protocol):
         """The dataset's lag figures for a heartbeat (agent clock)."""
 
     def before_send(self) -> None:
-        """Frames queued so far are about to go on the wire: persist what must survive."""
+        """Frames queued so far are about to go on the wire: persist what must survive.
+
+        Raises StateUnwritable if that cannot be done yet (a full disk): the link holds
+        the frames back and asks again later, with backoff.
+        """
 
 
 class Link:
@@ -256,13 +261,25 @@ class Link:
                     frames.append(f)
                     taken += _pb_frame_size(f)
                 self._queued_bytes = max(0, self._queued_bytes - taken)
-                for ep in self.endpoints:
-                    ep.before_send()
+                await self._before_send()
                 size = batch_message_size(msg.batch)
                 self._sent += size
                 self.bytes_sent += size
                 async with self._write_lock:
                     await call.write(msg)
+
+    async def _before_send(self) -> None:
+        """Nothing reaches the receiver that a restarted agent would not know of: while an
+        endpoint cannot persist its records, the message waits (heartbeats and acks go on)."""
+        delay = BACKOFF_INITIAL
+        while True:
+            try:
+                for ep in self.endpoints:
+                    ep.before_send()
+                return
+            except StateUnwritable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _heartbeats(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from tests.integration.conftest import make_pair
 from tests.integration.harness import (
     Daemon,
+    agent_config,
+    caught_up,
     get_json,
     receiver_config,
     wait_converged,
@@ -104,6 +107,50 @@ def test_journal_on_a_full_disk_recovers_once_there_is_room(tmp_path: Path,
                  message="the error to clear")
         assert p.receiver.pid == pid
         _stop(p.receiver)
+    finally:
+        p.agent.kill()
+        p.receiver.kill()
+
+
+def _agent_state_error(url: str) -> str:
+    row = get_json(url)["datasets"][0]
+    return str(row.get("error") or "") if row["state"] == "error" else ""
+
+
+def test_agent_state_on_a_full_disk_pauses_and_recovers(tmp_path: Path,
+                                                        small_fs: Path) -> None:
+    # only the agent's state_dir is on the small disk: its index cannot be written
+    p = make_pair(tmp_path)
+    agent_config(tmp_path / "agent.toml", receiver_port=p.receiver_port,
+                 state=small_fs / "astate", source=p.src, http_port=p.agent_http)
+    (p.src / "before").write_text("before")
+    try:
+        p.receiver.start()
+        p.agent.start()
+        wait_converged(p.src, p.dst)
+        pid = p.agent.pid
+        _fill(small_fs / "ballast")
+        for i in range(3000):  # enough index rows that the index must grow
+            (p.src / f"f{i:04d}-{'x' * 100}").write_bytes(os.urandom(64))
+        reason = wait_for(lambda: _agent_state_error(p.agent_status), 60,
+                          message="the agent's full disk in /status")
+        assert "cannot save agent state" in reason and "full" in reason, reason
+        assert "\n" not in reason
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{p.agent_http}/metrics", timeout=5).read().decode()
+        assert 'kind="state"' in metrics, metrics
+        assert p.agent.alive() and p.agent.pid == pid
+        (small_fs / "ballast").unlink()  # the operator makes room
+        wait_converged(p.src, p.dst, timeout=90)
+        wait_for(lambda: caught_up(p.agent_status), 30, message="the agent to stream again")
+        assert not get_json(p.agent_status)["datasets"][0].get("error")
+        (p.src / "after").write_text("after")  # and it goes on as before
+        wait_converged(p.src, p.dst)
+        assert p.agent.pid == pid
+        log = p.agent.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log[-4000:]
+        assert "agent state writable again" in log
+        _stop(p.agent)
     finally:
         p.agent.kill()
         p.receiver.kill()

@@ -310,6 +310,36 @@ def test_rewind_drops_in_flight_and_restores_index_state(db: Path, index: Index)
     assert "a/g" not in state(view)
 
 
+def test_rewind_on_a_full_disk_keeps_the_flushed_records_in_flight(
+        db: Path, index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    view = View(index)
+    view.record(1, [D("a", 1), F("a/f", 2, b"f1")])
+    view.acked(1)
+    view.record(2, [F("a/g", 3, b"g")])
+    view.record(3, [Move("a", "b")])
+    view.save()
+
+    def full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(index, "commit", full)
+    with pytest.raises(sqlite3.OperationalError):
+        view.rewind(2)
+    # rewound in memory all the same: record 2 (flushed) stays in flight, 3 is gone
+    want = {"a": (KIND_DIR, 1), "a/f": (KIND_FILE, 2), "a/g": (KIND_FILE, 3)}
+    assert state(view) == want
+    assert (view.in_flight, view.last_lsn, index.acked_lsn) == (1, 2, 1)
+    assert view.hashes("a/g") == b"g"
+    assert_consistent(view)
+    monkeypatch.undo()
+    view.acked(2)  # space again: the later commit writes what was flushed
+    assert (index_state(index), index.acked_lsn) == (want, 2)
+    # record 3's saved row is harmless: a restarted agent rewinds before it sends, and a
+    # new record 3 replaces it
+    view.rewind(2)
+    assert reopened(db) == (want, 2)
+
+
 def test_rewind_below_acked_keeps_the_index(index: Index) -> None:
     view = View(index)
     view.record(1, [F("f", 1)])
