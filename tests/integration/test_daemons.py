@@ -79,7 +79,9 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path, command: str) ->
     assert ("listen" in lines[0]) if command == "receiver" else ("source_id" in lines[0])
 
 
-def test_unexpected_failure_is_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_unusable_state_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """An index that cannot be opened at start (here a directory where the database should
+    be) stops the agent with one line naming it, not a traceback."""
     (tmp_path / "src").mkdir()
     (tmp_path / "s" / "datasets" / "docs" / "index.db").mkdir(parents=True)  # not a file
     conf = agent_config(tmp_path / "a.toml", receiver_port=free_port(), state=tmp_path / "s",
@@ -88,5 +90,6 @@ def test_unexpected_failure_is_one_line_and_exit_2(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("replicator agent: unexpected error: IsADirectoryError"), r.stderr
+    assert last.startswith("replicator agent: dataset docs: cannot open the agent index"), \
+        r.stderr
     assert "Traceback" not in r.stderr
