@@ -90,11 +90,6 @@ class MirrorProcess:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                           cwd=REPO_ROOT)
 
-    @property
-    def mirrored(self) -> Path:
-        """Where the mirrored tree lands."""
-        return self.dst
-
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -211,9 +206,14 @@ class SplitProcess(MirrorProcess):
         super().__init__(src, dst, state_dir, log_path, command)
         self._agent: subprocess.Popen[bytes] | None = None
 
+    @staticmethod
+    def tree_in(mirror_root: Path) -> Path:
+        """Where the mirrored tree lands under a mirror root."""
+        return mirror_root / SPLIT_SOURCE / SPLIT_DATASET
+
     @property
     def mirrored(self) -> Path:
-        return self.dst / SPLIT_SOURCE / SPLIT_DATASET
+        return self.tree_in(self.dst)
 
     def _configs(self) -> tuple[Path, Path]:
         grpc_port = free_port()

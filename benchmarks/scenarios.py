@@ -23,8 +23,6 @@ from pathlib import Path
 
 from benchmarks import datagen
 from benchmarks.mirror import (
-    SPLIT_DATASET,
-    SPLIT_SOURCE,
     MirrorFailed,
     MirrorProcess,
     MirrorUnavailable,
@@ -216,7 +214,7 @@ class Bench:
         if split is not None:
             def run_split() -> None:
                 root, state = self._split_dirs(name)
-                tree = root / SPLIT_SOURCE / SPLIT_DATASET
+                tree = SplitProcess.tree_in(root)
                 self._fresh(root, state)
                 r = self.replicator(src, root, state, ready(tree), split=True)
                 if r is not None:

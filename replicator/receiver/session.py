@@ -257,28 +257,25 @@ class Session:
             INBOX_MESSAGES)
         receiving = asyncio.create_task(self._receive(requests, inbox),
                                         name=f"receive {self.source}")
+        held: list[pb.AgentMessage | BaseException | None] = []  # taken while grouping
         try:
-            item = await inbox.get()
-            while item is not None:
+            while (item := held.pop() if held else await inbox.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 if item.WhichOneof("kind") == "heartbeat":
                     self._heartbeat(item.heartbeat)
-                    item = await inbox.get()
                     continue
                 group, size = [item.batch], batch_message_size(item.batch)
-                after: pb.AgentMessage | BaseException | None | _Nothing = _NOTHING
                 while size < GROUP_BYTES and not inbox.empty():
                     after = inbox.get_nowait()
                     if not (isinstance(after, pb.AgentMessage)
                             and after.WhichOneof("kind") == "batch"):
-                        break  # handled in order, after this group
+                        held.append(after)  # handled in order, after this group
+                        break
                     group.append(after.batch)
                     size += batch_message_size(after.batch)
-                    after = _NOTHING
                 await self._batch(group)
                 self._stream_bytes += size
-                item = await inbox.get() if isinstance(after, _Nothing) else after
         finally:
             receiving.cancel()
             with contextlib.suppress(BaseException):
@@ -514,13 +511,6 @@ class Session:
                 ds.on_applied = None
             if self.source:
                 log.info("agent disconnected source=%s peer=%s", self.source, self.peer)
-
-
-class _Nothing:
-    """No message taken ahead of time (None is the inbox's end of stream)."""
-
-
-_NOTHING = _Nothing()
 
 
 def _sync_all(journals: list) -> None:  # type: ignore[type-arg]
