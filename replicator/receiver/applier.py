@@ -671,9 +671,7 @@ class Applier:
 
     def _put_file(self, h: Header, hashes: bytes, digest: bytes) -> None:
         assert h.attrs is not None
-        self._replace_entry(ManifestEntry(h.path, "file", size=h.size, mode=h.attrs.mode,
-                                          mtime_ns=h.attrs.mtime_ns, digest=digest,
-                                          hashes=hashes))
+        self.manifest.put_file(h.path, h.size, h.attrs.mode, h.attrs.mtime_ns, digest, hashes)
         self._dirty_dirs.add(_parent(h.path))
 
     def _replace_entry(self, entry: ManifestEntry, *, dir_ok: bool = False) -> None:

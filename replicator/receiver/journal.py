@@ -40,8 +40,8 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from replicator.errors import ReplicatorError
 
@@ -63,6 +63,7 @@ ENTRY_MAGIC = b"Je"
 # magic, kind, lsn, payload length; then the crc32 of these 15 bytes and the payload
 _FIELDS = struct.Struct("<2sBQI")
 _CRC = struct.Struct("<I")
+_ENTRY_HEADER = struct.Struct("<2sBQII")  # the fields and the crc, read in one unpack
 ENTRY_HEADER_SIZE = _FIELDS.size + _CRC.size
 SEGMENT_SUFFIX = ".seg"
 _LSN_DIGITS = 20
@@ -76,8 +77,9 @@ class EntryKind(enum.IntEnum):
     STAGED = 4  # a staged file's name and block hashes, in place of BLOCKs
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One journaled frame. A tuple: the applier reads tens of thousands a second."""
+
     lsn: int
     kind: EntryKind
     payload: bytes
@@ -178,21 +180,23 @@ class _EntryReader:
 
     def next(self) -> tuple[EntryKind, int, bytes] | None:
         """The next (kind, lsn, payload), or None at the end offset."""
+        # The applier reads every entry through here: one unpack of the whole header and
+        # locals instead of attributes keep it to a few microseconds per entry.
         start = self._pos
-        if start >= self._end:
+        end = self._end
+        if start >= end:
             return None
-        if start + ENTRY_HEADER_SIZE > self._end:
-            raise _Bad(start, "short entry header")
-        if len(self._data) - self._i < ENTRY_HEADER_SIZE:
-            want = min(READ_CHUNK, self._end - start)
-            self._data = _pread_exact(self._fd, want, start)
-            self._i = 0
-            if len(self._data) < ENTRY_HEADER_SIZE:
-                raise _Bad(start, "short entry header")
+        data = self._data
         i = self._i
-        magic, kind, lsn, length = _FIELDS.unpack_from(self._data, i)
-        (crc,) = _CRC.unpack_from(self._data, i + _FIELDS.size)
-        fields_crc = zlib.crc32(memoryview(self._data)[i:i + _FIELDS.size])
+        if len(data) - i < ENTRY_HEADER_SIZE:
+            # _data never extends past `end`, so only a refill can find a short header
+            if start + ENTRY_HEADER_SIZE > end:
+                raise _Bad(start, "short entry header")
+            data = self._data = _pread_exact(self._fd, min(READ_CHUNK, end - start), start)
+            i = self._i = 0
+            if len(data) < ENTRY_HEADER_SIZE:
+                raise _Bad(start, "short entry header")
+        magic, kind, lsn, length, crc = _ENTRY_HEADER.unpack_from(data, i)
         if magic != ENTRY_MAGIC:
             raise _Bad(start, "bad entry magic")
         if kind not in _KINDS:
@@ -200,11 +204,12 @@ class _EntryReader:
         if length > MAX_PAYLOAD:
             raise _Bad(start, f"absurd payload length {length}")
         body = start + ENTRY_HEADER_SIZE
-        if body + length > self._end:
+        if body + length > end:
             raise _Bad(start, "short payload")
+        fields_crc = zlib.crc32(data[i:i + _FIELDS.size])
         p = i + ENTRY_HEADER_SIZE
-        if p + length <= len(self._data):
-            payload = self._data[p:p + length]
+        if p + length <= len(data):
+            payload = data[p:p + length]
             self._i = p + length
         else:
             # straddles the chunk (or is bigger than one): read it alone, no concatenation
@@ -507,25 +512,22 @@ class Journal:
             i = bisect.bisect_right(segments, seg)
             last = hi if i == len(segments) else min(hi, segments[i] - 1)
             end = self._index[last][2]
-            yield from self._read_span(seg, start, end)
+            path = self.directory / segment_name(seg)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                reader = _EntryReader(fd, start, end)
+                while True:
+                    try:
+                        item = reader.next()
+                    except _Bad as e:
+                        raise JournalCorrupt(f"journal {path}: {e}") from None
+                    if item is None:
+                        break
+                    kind, entry_lsn, payload = item
+                    yield Entry(entry_lsn, kind, payload)
+            finally:
+                os.close(fd)
             lsn = last + 1
-
-    def _read_span(self, seg: int, start: int, end: int) -> Iterator[Entry]:
-        path = self.directory / segment_name(seg)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            reader = _EntryReader(fd, start, end)
-            while True:
-                try:
-                    item = reader.next()
-                except _Bad as e:
-                    raise JournalCorrupt(f"journal {path}: {e}") from None
-                if item is None:
-                    return
-                kind, lsn, payload = item
-                yield Entry(lsn, kind, payload)
-        finally:
-            os.close(fd)
 
     # ---- housekeeping ----
 

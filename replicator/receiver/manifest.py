@@ -11,6 +11,15 @@ connection: `get` sees them at once, and `commit(applied_lsn)` makes them durabl
 together with the applied LSN, so the manifest and the applied position can never
 disagree after a crash. `close` without a commit discards them, as a crash would.
 
+Puts are the manifest's share of every small file the applier installs, so they are not
+executed one by one: rows and the "everything below this path" deletes of `put_replacing`
+collect in memory and go to SQLite in two `executemany` calls (deletes first) before
+anything reads or commits. Running every delete before every insert gives what running
+them in order gives unless a row lies below a path whose delete came after it (a file
+that replaced a directory holding entries of the same batch); that case flushes first.
+A write that fails leaves the transaction in an unknown state, so from then on `commit`
+refuses: the caller closes the manifest and opens it again, as after a crash.
+
 Paths and symlink targets are stored as BLOBs of the bytes the mirror holds
 (`core.paths.encode_name`, the receiver's one str <-> bytes mapping), because Linux names need
 not be UTF-8 and Python's sqlite3 refuses to store the lone surrogates that stand for such
@@ -42,6 +51,10 @@ DEFAULT_EPOCH = 1
 # Rows fetched per round trip by entries(): big enough to amortise the call, small enough
 # that a manifest of millions of files streams in bounded memory.
 FETCH_ROWS = 1000
+# Pending puts go to SQLite when this many rows (or hash bytes) have collected: amortises
+# the per-statement cost, keeps memory bounded whatever the group size.
+PENDING_ROWS = 1000
+PENDING_BYTES = 4 << 20
 
 Kind = Literal["file", "dir", "symlink"]
 KINDS: tuple[str, ...] = ("file", "dir", "symlink")
@@ -65,6 +78,8 @@ _COLUMNS = "path, kind, size, mode, mtime_ns, digest, hashes, target"
 # The rows of a path and everything below it: ?1 the path's bytes, ?2 and ?3 the bounds
 # from _tree_args. The range uses the primary key index.
 _TREE = "(path = ?1 OR (path >= ?2 AND path < ?3))"
+_PUT = f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_DELETE_BELOW = "DELETE FROM files WHERE path >= ? AND path < ?"
 # A schema-1 table converted: TEXT that Python's sqlite3 wrote is valid UTF-8, so the
 # cast gives exactly the bytes encode_name gives for the same str.
 _CONVERT_TEXT_PATHS = _FILES.format(name="files_v2") + f"""
@@ -135,6 +150,13 @@ class Manifest:
         self._applied_lsn = int(meta.get("applied_lsn", 0))
         self._epoch = int(meta.get("epoch", DEFAULT_EPOCH))
         self._in_tx = False
+        # puts not yet executed (see the module doc): rows, below-path deletes, and the
+        # proper ancestors of the rows' paths, which a later below-path delete must not hit
+        self._rows: list[tuple[object, ...]] = []
+        self._below: list[tuple[bytes, bytes]] = []
+        self._row_parents: set[bytes] = set()
+        self._pending_bytes = 0
+        self._failed: Exception | None = None
 
     def _convert_text_paths(self) -> None:
         """Schema 1 -> 2 in one transaction: a crash leaves schema 1, converted again."""
@@ -172,6 +194,7 @@ class Manifest:
 
     def get(self, path: str) -> ManifestEntry | None:
         """The entry for `path`, pending changes included; None if there is none."""
+        self._flush()
         row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE path = ?",
                                (encode_name(path),)).fetchone()
         return _entry(row) if row is not None else None
@@ -201,6 +224,45 @@ class Manifest:
             self._db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
+    def _write(self, sql: str, args: tuple[object, ...]) -> int:
+        """Executes one change (after the pending puts); returns the rows it touched."""
+        self._flush()
+        try:
+            return self._db.execute(sql, args).rowcount
+        except sqlite3.Error as e:
+            self._failed = e
+            raise
+
+    def _flush(self) -> None:
+        """Executes the pending puts (see the module doc)."""
+        if not self._rows and not self._below:
+            return
+        rows, below = self._rows, self._below
+        self._rows, self._below = [], []
+        self._row_parents.clear()
+        self._pending_bytes = 0
+        try:
+            if below:
+                self._db.executemany(_DELETE_BELOW, below)
+            if rows:
+                self._db.executemany(_PUT, rows)
+        except sqlite3.Error as e:
+            self._failed = e
+            raise
+
+    def _add_row(self, raw: bytes, row: tuple[object, ...], size: int) -> None:
+        self._rows.append(row)
+        at = raw.rfind(b"/")
+        while at > 0:  # every proper ancestor: a delete below one of them comes too late
+            parent = raw[:at]
+            if parent in self._row_parents:
+                break  # and so are its own ancestors
+            self._row_parents.add(parent)
+            at = raw.rfind(b"/", 0, at)
+        self._pending_bytes += size
+        if len(self._rows) >= PENDING_ROWS or self._pending_bytes >= PENDING_BYTES:
+            self._flush()
+
     def put(self, entry: ManifestEntry) -> None:
         """Sets the entry for `entry.path`, replacing any (pending until `commit`).
 
@@ -210,20 +272,40 @@ class Manifest:
         if entry.kind not in KINDS:
             raise ValueError(f"manifest entry kind {entry.kind!r}")
         self._begin()
-        self._db.execute(
-            f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (encode_name(entry.path), entry.kind, entry.size, entry.mode, entry.mtime_ns,
-             entry.digest, entry.hashes,
-             encode_name(entry.target) if entry.target is not None else None))
+        raw = encode_name(entry.path)
+        self._add_row(raw, (raw, entry.kind, entry.size, entry.mode, entry.mtime_ns,
+                            entry.digest, entry.hashes,
+                            encode_name(entry.target) if entry.target is not None else None),
+                      len(entry.hashes or b""))
 
     def put_replacing(self, entry: ManifestEntry) -> None:
         """`put`, after removing every entry below the path: a file or symlink that
         replaced a directory. Cheaper than `get` and `delete_tree` for the usual case, a
         path with nothing below it."""
-        _, lo, hi = _tree_args(entry.path)
+        if entry.kind not in KINDS:
+            raise ValueError(f"manifest entry kind {entry.kind!r}")
         self._begin()
-        self._db.execute("DELETE FROM files WHERE path >= ? AND path < ?", (lo, hi))
-        self.put(entry)
+        raw = encode_name(entry.path)
+        self._delete_below(raw)
+        self._add_row(raw, (raw, entry.kind, entry.size, entry.mode, entry.mtime_ns,
+                            entry.digest, entry.hashes,
+                            encode_name(entry.target) if entry.target is not None else None),
+                      len(entry.hashes or b""))
+
+    def put_file(self, path: str, size: int, mode: int, mtime_ns: int, digest: bytes,
+                 hashes: bytes) -> None:
+        """`put_replacing` of a regular file from its fields: the applier calls it for
+        every file it installs, and a ManifestEntry would only be taken apart again."""
+        self._begin()
+        raw = encode_name(path)
+        self._delete_below(raw)
+        self._add_row(raw, (raw, "file", size, mode, mtime_ns, digest, hashes, None),
+                      len(hashes))
+
+    def _delete_below(self, raw: bytes) -> None:
+        if raw in self._row_parents:
+            self._flush()  # a pending row lies below: it must go before this delete runs
+        self._below.append((raw + b"/", raw + b"0"))
 
     def set_attrs(self, path: str, mode: int, mtime_ns: int) -> ManifestEntry | None:
         """Updates mode and mtime of an existing entry; returns it, or None if there is none."""
@@ -237,7 +319,7 @@ class Manifest:
     def delete_tree(self, path: str) -> int:
         """Removes `path` and every entry below it (pending); returns how many went."""
         self._begin()
-        return self._db.execute(f"DELETE FROM files WHERE {_TREE}", _tree_args(path)).rowcount
+        return self._write(f"DELETE FROM files WHERE {_TREE}", _tree_args(path))
 
     def move_tree(self, old: str, new: str) -> int:
         """Moves `old` and everything below it to `new`, replacing what was at `new`.
@@ -254,21 +336,26 @@ class Manifest:
         src = _tree_args(old)
         # `||` yields TEXT; the cast gives back the bytes unchecked and keeps every path a
         # BLOB (BLOBs and TEXT never compare equal, and sort apart)
-        return self._db.execute(
+        return self._write(
             f"UPDATE files SET path = CAST(?4 || substr(path, ?5) AS BLOB) WHERE {_TREE}",
-            (*src, encode_name(new), len(src[0]) + 1)).rowcount
+            (*src, encode_name(new), len(src[0]) + 1))
 
     # ---- durability ----
 
     def commit(self, applied_lsn: int, *, epoch: int | None = None) -> None:
         """Makes every pending change durable with `applied_lsn` (and `epoch`), atomically.
 
-        Safe to call with nothing pending: it then only records the positions.
+        Safe to call with nothing pending: it then only records the positions. After a
+        write that failed it raises that error again (and discards the pending changes):
+        what the transaction holds is unknown, so only a reopen goes on from here.
         """
         if applied_lsn < 0 or (epoch is not None and epoch < 0):
             raise ValueError(f"applied_lsn {applied_lsn} / epoch {epoch}")
         self._begin()
         try:
+            self._flush()
+            if self._failed is not None:
+                raise self._failed
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)",
                              (applied_lsn,))
             if epoch is not None:
@@ -284,9 +371,14 @@ class Manifest:
 
     def rollback(self) -> None:
         """Discards every pending change."""
+        self._rows, self._below = [], []
+        self._row_parents.clear()
+        self._pending_bytes = 0
         if self._in_tx:
             self._in_tx = False
-            self._db.execute("ROLLBACK")
+            # SQLite may have rolled back already (after SQLITE_FULL, say)
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         """Closes the database; pending changes are discarded, as a crash would."""

@@ -126,6 +126,91 @@ def test_move_tree(db: Manifest, old: str, new: str, expect: set[str], a: str) -
         assert e.size == len(origin)
 
 
+def model_apply(ops: list[tuple[str, str]]) -> set[str]:
+    """What running `ops` one at a time leaves: the reference for the batched puts."""
+    have: set[str] = set()
+    for op, path in ops:
+        if op == "replacing":
+            have = {p for p in have if not p.startswith(path + "/")}
+        elif op == "delete":
+            have = {p for p in have if p != path and not p.startswith(path + "/")}
+        if op != "delete":
+            have.add(path)
+    return have
+
+
+@pytest.mark.parametrize("a", SPELLINGS)
+@pytest.mark.parametrize("ops", [
+    # a file replaces a directory whose entries are in the same batch: they go
+    [("put", "a/b/c"), ("put", "a/b"), ("replacing", "a")],
+    [("replacing", "a/b/c"), ("replacing", "a")],
+    [("replacing", "a/b/c"), ("replacing", "a/b"), ("replacing", "b"), ("replacing", "a")],
+    # ... and entries put again after the replacement stay
+    [("put", "a/b"), ("replacing", "a"), ("put", "a/b"), ("put", "a/b/c")],
+    # a delete below a sibling ("a-b" sorts between "a/" and "a0") or a prefix takes nothing
+    [("put", "a-b"), ("put", "ab"), ("put", "a.b"), ("replacing", "a")],
+    # pending rows, then a tree delete and move in between
+    [("put", "a/b"), ("put", "b/a"), ("delete", "a"), ("replacing", "a/b"), ("put", "a0")],
+    # the same path over and over: the last put wins
+    [("replacing", "a"), ("put", "a"), ("replacing", "a")],
+])
+def test_batched_puts_end_as_puts_in_order_do(tmp_path: Path, ops: list[tuple[str, str]],
+                                              a: str) -> None:
+    ops = [(op, p.replace("a", a)) for op, p in ops]
+    m = Manifest(tmp_path / "m.db")
+    for op, path in ops:
+        if op == "delete":
+            m.delete_tree(path)
+        elif op == "put":
+            m.put(file_entry(path, size=len(ops)))
+        else:
+            m.put_replacing(file_entry(path, size=len(ops)))
+    assert {p for p in model_apply(ops) if m.get(p) is not None} == model_apply(ops)
+    m.commit(1)
+    m.close()
+    m = Manifest(tmp_path / "m.db")
+    assert set(paths(m)) == model_apply(ops)
+    m.close()
+
+
+def test_put_file_is_put_replacing_of_a_file(db: Manifest) -> None:
+    db.put(file_entry("a/b"))
+    db.put_file("a", 3, 0o100644, 123_456_789_012, b"d" * 16, b"h" * 16)
+    assert paths(db) == [] and db.get("a/b") is None
+    assert db.get("a") == file_entry("a")
+
+
+def test_pending_puts_stay_bounded(db: Manifest) -> None:
+    from replicator.receiver.manifest import PENDING_ROWS
+
+    for i in range(PENDING_ROWS * 2 + 5):
+        db.put_file(f"d/{i}", 3, 0o100644, 1, b"d" * 16, b"h" * 16)
+        assert len(db._rows) < PENDING_ROWS
+    db.commit(1)
+    assert len(paths(db)) == PENDING_ROWS * 2 + 5
+
+
+def test_a_failed_write_makes_commit_refuse(tmp_path: Path) -> None:
+    m = Manifest(tmp_path / "m.db")
+    m.put(file_entry("kept"))
+    m.commit(1)
+    pages = m._db.execute("PRAGMA page_count").fetchone()[0]
+    m._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the database is full
+    with pytest.raises(sqlite3.OperationalError):
+        for i in range(10_000):
+            m.put_file(f"big/{i:05d}", 3, 0o100644, 1, b"d" * 16, b"h" * 4096)
+        m.get("x")
+    # what the transaction holds is unknown: no commit may record a position over it
+    with pytest.raises(sqlite3.OperationalError):
+        m.commit(2)
+    with pytest.raises(sqlite3.OperationalError):
+        m.commit(2)
+    m.close()
+    m = Manifest(tmp_path / "m.db")
+    assert (m.applied_lsn, paths(m)) == (1, ["kept"])
+    m.close()
+
+
 @pytest.mark.parametrize("old, new", [("a", "a/b"), ("a/b", "a")])
 def test_move_tree_into_itself_is_refused(db: Manifest, old: str, new: str) -> None:
     with pytest.raises(ValueError):
