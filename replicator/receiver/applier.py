@@ -466,7 +466,7 @@ class Applier:
                     raise _Discard
                 if not digest_ok(end.digest):
                     raise _Resync(ERR_DIGEST, h.path, "digest does not match after applying")
-                self.mirror.set_attrs_fd(fd, h.attrs)
+                self.mirror.set_attrs_fd(fd, h.attrs, fresh=old is None)
             finally:
                 os.close(fd)
             if h.base is Base.PREVIOUS:

@@ -20,6 +20,10 @@ symlinks verbatim: a replicated `a -> /etc` must never turn a later `a/passwd` i
   is only ever a directory reached by the walk above, and the cache is emptied by every
   operation that can remove, replace or move a directory (delete, rename, and an install
   or symlink that replaced a directory), so a path never resolves to a stale directory.
+  A path whose parent is cached is resolved without splitting it again: the parent was
+  checked when it was cached, so only the last component is checked (anything in doubt
+  takes the full check, which says what is wrong). Operations use the cached fd itself
+  and never hold it across a call that may close it.
 - Names go to the kernel as bytes (UTF-8 with surrogateescape, as on the wire), so the name
   on disk is exactly the one the primary has, whatever the locale.
 
@@ -136,8 +140,9 @@ class Mirror:
         self._root_fd = -1
         self._staging_fd = -1
         self._is_root = os.geteuid() == 0
-        # relative parent path -> its O_DIRECTORY fd, least recently used first
-        self._dirs: dict[tuple[bytes, ...], int] = {}
+        # relative parent path -> (its O_DIRECTORY fd, its length in bytes + 1 for the '/'),
+        # least recently used first
+        self._dirs: dict[str, tuple[int, int]] = {}
         # staged names: random per instance, then a counter (O_EXCL still decides)
         self._stage_tag = secrets.token_hex(4).encode()
         self._stage_seq = itertools.count()
@@ -152,6 +157,9 @@ class Mirror:
                     "state_dir and mirror_root must be on one file system: staged files "
                     f"are renamed into place (mirror {self.root}, staging {self.staging_dir})"
                 )
+            # A file made in a directory without xattrs starts without any (a default ACL
+            # is what a new file would inherit): set_attrs_fd(fresh=True) need not list them.
+            self._fresh_bare = not _xattr_names(self._staging_fd)
         except BaseException:
             self.close()
             raise
@@ -179,22 +187,18 @@ class Mirror:
 
     def lstat(self, path: str) -> os.stat_result | None:
         """The entry at `path`, not following a final symlink; None if it or a parent is missing."""
-        parts = _split(path)
         try:
-            dfd = self._open_parent(parts, path, create=False)
+            dfd, name = self._parent(path, create=False)
         except FileNotFoundError:
             return None
-        try:
-            return _lstat_at(dfd, parts[-1])
-        finally:
-            os.close(dfd)
+        return _lstat_at(dfd, name)
 
     def open_read(self, path: str) -> int:
         """An O_RDONLY fd of the regular file at `path`; the caller closes it.
 
         FileNotFoundError if missing; PathRefused if it is a symlink or not a regular file.
         """
-        return self._open_regular(_split(path), path)
+        return self._open_regular(path)
 
     def open_patch(self, path: str) -> int | None:
         """An O_RDWR fd of the regular file at `path`, to patch it in place; the caller
@@ -203,7 +207,7 @@ class Mirror:
 
         FileNotFoundError if missing; PathRefused if it is a symlink or not a regular file.
         """
-        fd = self._open_regular(_split(path), path, _PATCH_FLAGS)
+        fd = self._open_regular(path, _PATCH_FLAGS)
         if os.fstat(fd).st_nlink != 1:
             os.close(fd)
             return None
@@ -266,7 +270,7 @@ class Mirror:
         xattrs alone must not lose them to the new inode). FileNotFoundError if missing;
         PathRefused if it is a symlink or not a regular file.
         """
-        src = self._open_regular(_split(path), path)
+        src = self._open_regular(path)
         try:
             size = os.fstat(src).st_size
             fd, staged = self.new_staged()
@@ -335,37 +339,28 @@ class Mirror:
         directory with a file). Missing parents are created, never through a symlink.
         """
         src = self._staged_basename(staged)
-        parts = _split(path)
-        dfd = self._open_parent(parts, path, create=True)
+        dfd, name = self._parent(path, create=True)
         try:
+            os.rename(src, name, src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+        except IsADirectoryError:
+            # rare: look before leaping would cost every install an lstat
             try:
-                os.rename(src, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
-            except IsADirectoryError:
-                # rare: look before leaping would cost every install an lstat
-                try:
-                    _remove_dir_at(dfd, parts[-1])
-                finally:
-                    self._forget_dirs()
-                os.rename(src, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
-        finally:
-            os.close(dfd)
+                _remove_dir_at(dfd, name)
+                os.rename(src, name, src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+            finally:
+                self._forget_dirs()  # closes dfd too: it is not used after this
 
     def mkdir(self, path: str, attrs: Attrs) -> None:
         """Make `path` a directory with `attrs`: kept if one is there, else replacing what is."""
         _check_attrs(attrs)
-        parts = _split(path)
-        dfd = self._open_parent(parts, path, create=True)
-        try:
-            name = parts[-1]
-            st = _lstat_at(dfd, name)
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                os.unlink(name, dir_fd=dfd)
-                st = None
-            if st is None:
-                os.mkdir(name, DIR_MODE, dir_fd=dfd)
-            self._set_attrs_at(dfd, name, attrs)
-        finally:
-            os.close(dfd)
+        dfd, name = self._parent(path, create=True)
+        st = _lstat_at(dfd, name)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dfd)
+            st = None
+        if st is None:
+            os.mkdir(name, DIR_MODE, dir_fd=dfd)
+        self._set_attrs_at(dfd, name, attrs)
 
     def symlink(self, path: str, target: str, attrs: Attrs) -> None:
         """Make `path` a symlink to `target` (stored verbatim, never followed), atomically.
@@ -375,49 +370,42 @@ class Mirror:
         """
         raw_target = _check_target(target, path)
         _check_attrs(attrs)
-        parts = _split(path)
-        dfd = self._open_parent(parts, path, create=True)
-        try:
-            while True:
-                tmp = self._staged_name()
-                try:
-                    os.symlink(raw_target, tmp, dir_fd=self._staging_fd)
-                except FileExistsError:
-                    continue
-                break
+        dfd, name = self._parent(path, create=True)
+        while True:
+            tmp = self._staged_name()
             try:
-                self._set_attrs_at(self._staging_fd, tmp, attrs)
-                if _remove_dir_at(dfd, parts[-1]):
-                    self._forget_dirs()
-                os.rename(tmp, parts[-1], src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
-            except BaseException:
-                self._forget_dirs()
-                _unlink_missing_ok(self._staging_fd, tmp)
-                raise
-        finally:
-            os.close(dfd)
+                os.symlink(raw_target, tmp, dir_fd=self._staging_fd)
+            except FileExistsError:
+                continue
+            break
+        try:
+            self._set_attrs_at(self._staging_fd, tmp, attrs)
+            replaced_dir = _remove_dir_at(dfd, name)
+            os.rename(tmp, name, src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+        except BaseException:
+            self._forget_dirs()
+            _unlink_missing_ok(self._staging_fd, tmp)
+            raise
+        if replaced_dir:
+            self._forget_dirs()
 
     def delete(self, path: str) -> None:
         """Remove `path`, recursively if it is a directory; a symlink is unlinked, never
         followed. Missing is fine (a missing parent too)."""
-        parts = _split(path)
         try:
-            dfd = self._open_parent(parts, path, create=False)
+            dfd, name = self._parent(path, create=False)
         except FileNotFoundError:
             return
-        try:
-            st = _lstat_at(dfd, parts[-1])
-            if st is None:
-                return
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    _rmtree(dfd, parts[-1])
-                finally:
-                    self._forget_dirs()
-            else:
-                _unlink_missing_ok(dfd, parts[-1])
-        finally:
-            os.close(dfd)
+        st = _lstat_at(dfd, name)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                _rmtree(dfd, name)
+            finally:
+                self._forget_dirs()
+        else:
+            _unlink_missing_ok(dfd, name)
 
     def rename(self, path: str, new_path: str) -> None:
         """Move `path` to `new_path`, replacing what is there (a directory recursively).
@@ -437,7 +425,8 @@ class Mirror:
                 f"rename refused: {quote_path(path)} is inside {quote_path(new_path)}, "
                 "which it would replace"
             )
-        sfd = self._open_parent(src, path, create=False)
+        # a copy: resolving the destination's parent may evict it from the cache
+        sfd = os.dup(self._parent(path, create=False)[0])
         try:
             return self._rename(sfd, src, dst, path, new_path)
         finally:
@@ -453,22 +442,19 @@ class Mirror:
             if stat.S_ISDIR(sst.st_mode):
                 raise PathRefused(f"rename refused: directory {quote_path(path)} onto itself")
             return
-        dfd = self._open_parent(dst, new_path, create=True)
-        try:
-            dst_st = _lstat_at(dfd, dst[-1])
-            if dst_st is not None:
-                if (dst_st.st_dev, dst_st.st_ino) == (sst.st_dev, sst.st_ino):
-                    # Two hard links to one inode: rename(2) would silently keep both.
-                    os.unlink(src[-1], dir_fd=sfd)
-                    return
-                if stat.S_ISDIR(dst_st.st_mode):
-                    _rmtree(dfd, dst[-1])
-                elif stat.S_ISDIR(sst.st_mode):
-                    # rename(2) will not put a directory over a file.
-                    os.unlink(dst[-1], dir_fd=dfd)
-            os.rename(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
-        finally:
-            os.close(dfd)
+        dfd, _ = self._parent(new_path, create=True)
+        dst_st = _lstat_at(dfd, dst[-1])
+        if dst_st is not None:
+            if (dst_st.st_dev, dst_st.st_ino) == (sst.st_dev, sst.st_ino):
+                # Two hard links to one inode: rename(2) would silently keep both.
+                os.unlink(src[-1], dir_fd=sfd)
+                return
+            if stat.S_ISDIR(dst_st.st_mode):
+                _rmtree(dfd, dst[-1])
+            elif stat.S_ISDIR(sst.st_mode):
+                # rename(2) will not put a directory over a file.
+                os.unlink(dst[-1], dir_fd=dfd)
+        os.rename(src[-1], dst[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
 
     def set_attrs(self, path: str, attrs: Attrs) -> None:
         """Set owner (root only), mode (not on symlinks), xattrs, then mtime of `path`.
@@ -476,20 +462,21 @@ class Mirror:
         Never follows a final symlink. FileNotFoundError if `path` is missing.
         """
         _check_attrs(attrs)
-        parts = _split(path)
-        dfd = self._open_parent(parts, path, create=False)
-        try:
-            self._set_attrs_at(dfd, parts[-1], attrs)
-        finally:
-            os.close(dfd)
+        dfd, name = self._parent(path, create=False)
+        self._set_attrs_at(dfd, name, attrs)
 
-    def set_attrs_fd(self, fd: int, attrs: Attrs) -> None:
-        """set_attrs on an open file (a staged file before install)."""
+    def set_attrs_fd(self, fd: int, attrs: Attrs, *, fresh: bool = False) -> None:
+        """set_attrs on an open file (a staged file before install).
+
+        `fresh`: `fd` is a file new_staged made, untouched since but for its data. When
+        the record wants no xattrs it then has none to remove, unless the staging dir has
+        some to pass on, and none are listed: a syscall less for every new file.
+        """
         _check_attrs(attrs)
         if self._is_root and (attrs.uid is not None or attrs.gid is not None):
             os.fchown(fd, _id(attrs.uid), _id(attrs.gid))
         os.fchmod(fd, stat.S_IMODE(attrs.mode))
-        if attrs.xattrs is not None:
+        if attrs.xattrs is not None and (attrs.xattrs or not (fresh and self._fresh_bare)):
             _sync_xattrs(fd, attrs.xattrs, follow=True)
         os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
 
@@ -509,48 +496,62 @@ class Mirror:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _open_parent(self, parts: tuple[bytes, ...], path: str, *, create: bool) -> int:
-        """A new fd of the directory holding `parts[-1]`; the caller closes it.
+    def _parent(self, path: str, *, create: bool) -> tuple[int, bytes]:
+        """(fd of the directory that holds `path`'s last component, that component's bytes).
 
-        FileNotFoundError (naming `path`) if a parent is missing and not `create`.
+        The fd is the cache's (or the root's): valid until the next call that resolves a
+        path or empties the cache, and never closed by the caller. PathRefused for a path
+        that is not safe and canonical; FileNotFoundError (naming `path`) if a parent is
+        missing and not `create`.
         """
-        key = parts[:-1]
-        cached = self._dirs.pop(key, -1)
-        if cached >= 0:
-            self._dirs[key] = cached  # most recently used last
-            return os.dup(cached)
+        parent, slash, leaf = path.rpartition("/")
+        if not slash:
+            name = _leaf_bytes(leaf, 0)
+            if name is not None:
+                return self._root_fd, name
+        else:
+            hit = self._dirs.pop(parent, None)
+            if hit is not None:
+                self._dirs[parent] = hit  # most recently used last
+                name = _leaf_bytes(leaf, hit[1])
+                if name is not None:
+                    return hit[0], name
+        parts = _split(path)  # raises PathRefused, saying why
+        if len(parts) == 1:
+            return self._root_fd, parts[0]
+        cached = self._dirs.get(parent)
+        if cached is not None:
+            return cached[0], parts[-1]
         fd = os.dup(self._root_fd)
         try:
-            for name in key:
-                parent, fd = fd, -1
+            for name in parts[:-1]:
+                up, fd = fd, -1
                 try:
-                    fd = _open_child_dir(parent, name, path, create=create)
+                    fd = _open_child_dir(up, name, path, create=create)
                 finally:
-                    os.close(parent)
+                    os.close(up)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             raise
-        if key:
-            if len(self._dirs) >= DIR_CACHE_SIZE:
-                os.close(self._dirs.pop(next(iter(self._dirs))))
-            self._dirs[key] = os.dup(fd)
-        return fd
+        if len(self._dirs) >= DIR_CACHE_SIZE:
+            os.close(self._dirs.pop(next(iter(self._dirs)))[0])
+        self._dirs[parent] = (fd, len(encode_name(parent)) + 1)
+        return fd, parts[-1]
 
     def _forget_dirs(self) -> None:
         """Empty the directory fd cache (a directory may have been removed or moved)."""
         dirs, self._dirs = self._dirs, {}
-        for fd in dirs.values():
+        for fd, _ in dirs.values():
             os.close(fd)
 
-    def _open_regular(self, parts: tuple[bytes, ...], path: str,
-                      flags: int = _FILE_FLAGS) -> int:
+    def _open_regular(self, path: str, flags: int = _FILE_FLAGS) -> int:
         try:
-            dfd = self._open_parent(parts, path, create=False)
+            dfd, name = self._parent(path, create=False)
         except FileNotFoundError:
             raise _missing(path) from None
         try:
-            fd = os.open(parts[-1], flags, dir_fd=dfd)
+            fd = os.open(name, flags, dir_fd=dfd)
         except FileNotFoundError:
             raise _missing(path) from None
         except OSError as e:
@@ -559,8 +560,6 @@ class Mirror:
                     f"path refused: {quote_path(path)} is a symlink, not a regular file"
                 ) from None
             raise
-        finally:
-            os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise PathRefused(f"path refused: {quote_path(path)} is not a regular file")
@@ -605,6 +604,21 @@ def _incoming_lsn(name: bytes) -> int | None:
 
 def _split(path: str) -> tuple[bytes, ...]:
     return tuple(encode_name(part) for part in split_relpath(path))
+
+
+def _leaf_bytes(leaf: str, prefix_bytes: int) -> bytes | None:
+    """The bytes of `leaf` if it is a valid last component of a path whose checked parent
+    and '/' take `prefix_bytes` bytes; None when in doubt (split_relpath then says why).
+    `leaf` holds no '/': it is what follows a path's last one."""
+    if leaf in ("", ".", "..") or "\0" in leaf:
+        return None
+    try:
+        raw = encode_name(leaf)
+    except UnicodeEncodeError:
+        return None
+    if len(raw) > MAX_NAME_BYTES or prefix_bytes + len(raw) > MAX_PATH_BYTES:
+        return None
+    return raw
 
 
 def _missing(path: str) -> FileNotFoundError:
@@ -707,6 +721,16 @@ def _chmod_at(dfd: int, name: bytes, mode: int) -> None:
         # glibc before 2.32 cannot fchmodat(AT_SYMLINK_NOFOLLOW). The caller has just seen
         # that `name` is not a symlink, and nobody else writes the mirror.
         os.chmod(name, mode, dir_fd=dfd)
+
+
+def _xattr_names(fd: int) -> list[str]:
+    """The xattr names of `fd`; none where the file system has no xattrs."""
+    try:
+        return os.listxattr(fd)
+    except OSError as e:
+        if e.errno in _NOT_SUPPORTED:
+            return []
+        raise
 
 
 def _sync_xattrs(target: int | bytes, wanted: dict[str, bytes], *, follow: bool) -> None:

@@ -191,6 +191,46 @@ def test_hostile_paths_are_refused_by_every_operation(
     assert (snapshot(outside), snapshot(mirror.root)) == before
 
 
+def walked(m: Mirror) -> list[tuple[str, int, int, int]]:
+    """snapshot() of the mirror through its own fd walk: paths longer than PATH_MAX too."""
+    return [(p, st.st_mode, st.st_mtime_ns, st.st_size) for p, st in m.walk()]
+
+
+DEEP = "/".join(["p" * 200] * 20)  # 4,019 bytes: room for a leaf of 76 at most
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("path", [
+    "d/..", "d/.", "d/", "d/a\0b", "d/\ud800", "d/" + "x" * 256, DEEP + "/" + "x" * 77,
+])
+def test_a_bad_last_component_under_a_cached_parent_is_refused(
+    mirror: Mirror, outside: Path, op: str, path: str
+) -> None:
+    # the parent is resolved (and cached) first: only the last component is new
+    put(mirror, "d/ok", b"ok")
+    mirror.mkdir(DEEP, DIR_ATTRS)
+    put(mirror, DEEP + "/" + "x" * 76, b"fits")
+    put(mirror, "mine", b"mine")
+    before = snapshot(outside), walked(mirror)
+    with pytest.raises(PathRefused) as info:
+        OPS[op](mirror, path)
+    assert "\n" not in str(info.value)
+    assert (snapshot(outside), walked(mirror)) == before
+    assert os.listdir(mirror.staging_dir) == []
+
+
+def test_a_cached_parent_is_not_used_after_it_was_replaced(mirror: Mirror,
+                                                           outside: Path) -> None:
+    put(mirror, "d/a", b"1")  # "d" cached
+    mirror.symlink("d", str(outside), LINK_ATTRS)  # replaces the directory
+    with pytest.raises(PathRefused):
+        put(mirror, "d/passwd", b"owned")
+    mirror.delete("d")
+    put(mirror, "d/b", b"2")  # a new directory "d", resolved again
+    assert read(mirror, "d/b") == b"2" and mirror.lstat("d/a") is None
+    assert (outside / "passwd").read_bytes() == b"root:x:0:0\n"
+
+
 @pytest.mark.parametrize("target", ["", "a\0b", "\ud800", "x" * 4096])
 def test_symlink_targets_no_symlink_can_hold_are_refused(mirror: Mirror, target: str) -> None:
     with pytest.raises(PathRefused):
@@ -722,6 +762,37 @@ def test_xattrs_on_a_staged_fd(mirror: Mirror) -> None:
     p = mirror.root / "f"
     assert os.getxattr(p, "user.k") == b"v"
     assert p.lstat().st_mtime_ns == NS
+
+
+def posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """A system.posix_acl_* value: version 2, then (tag, perm, id) entries."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@pytest.mark.parametrize("default_acl", [False, True])
+def test_a_fresh_staged_file_ends_with_exactly_the_record_xattrs(tmp_path: Path,
+                                                                 default_acl: bool) -> None:
+    staging = tmp_path / "state" / "staging"
+    staging.mkdir(parents=True, mode=0o700)
+    if not xattrs_supported(staging):
+        pytest.skip("no xattrs here")
+    if default_acl:
+        # files made in the staging dir inherit it as system.posix_acl_access
+        any_id = 0xFFFFFFFF
+        os.setxattr(staging, "system.posix_acl_default", posix_acl(
+            [(1, 7, any_id), (2, 7, 65534), (4, 5, any_id), (0x10, 7, any_id),
+             (0x20, 5, any_id)]))
+    with Mirror(tmp_path / "mirror", staging) as m:
+        fd, staged = m.new_staged()
+        try:
+            assert bool(os.listxattr(fd)) == default_acl
+            m.set_attrs_fd(fd, Attrs(FILE_ATTRS.mode, NS, xattrs={}), fresh=True)
+        finally:
+            os.close(fd)
+        m.install(staged, "f")
+        assert os.listxattr(m.root / "f") == []
 
 
 def test_xattrs_skipped_where_unsupported(
