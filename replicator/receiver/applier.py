@@ -57,7 +57,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from replicator.core.blocks import (
@@ -72,7 +72,13 @@ from replicator.core.blocks import (
 from replicator.core.paths import encode_name, quote_path
 from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
-from replicator.receiver.journal import EntryKind, Journal, JournalCorrupt, decode_staged
+from replicator.receiver.journal import (
+    Entry,
+    EntryKind,
+    Journal,
+    JournalCorrupt,
+    decode_staged,
+)
 from replicator.receiver.manifest import Manifest, ManifestEntry
 from replicator.receiver.mirror import STAGED_PREFIX, Mirror
 from replicator.wire.convert import decode_frame
@@ -115,17 +121,17 @@ class _RecordReader:
     with no gaps.
     """
 
-    def __init__(self, entries: Iterable[object], first_lsn: int) -> None:
-        self._entries = iter(entries)
+    def __init__(self, entries: Iterator[Entry], first_lsn: int) -> None:
+        self._entries = entries
         self._next_lsn = first_lsn
         self.lsn = 0
         self._end: End | None = None
-        self._pushed: object | None = None
+        self._pushed: Entry | None = None
         # the current record's staged file (base name) and block hashes, if it has one
         self.staged_name = b""
         self._staged_hashes = bytearray()
 
-    def _next(self) -> object | None:
+    def _next(self) -> Entry | None:
         if self._pushed is not None:
             entry, self._pushed = self._pushed, None
             return entry
@@ -138,10 +144,10 @@ class _RecordReader:
             entry = self._next()
             if entry is None:
                 break
-            if entry.kind != EntryKind.STAGED or entry.lsn != self.lsn:  # type: ignore[attr-defined]
+            if entry.kind is not EntryKind.STAGED or entry.lsn != self.lsn:
                 self._pushed = entry
                 break
-            self._add_staged(entry.payload)  # type: ignore[attr-defined]
+            self._add_staged(entry.payload)
         if not self.staged_name:
             return None
         return self.staged_name, bytes(self._staged_hashes)
@@ -166,43 +172,47 @@ class _RecordReader:
         entry = self._next()
         if entry is None:
             return None
-        lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
-        self.staged_name = b""
-        self._staged_hashes = bytearray()
-        if lsn != self._next_lsn or kind != EntryKind.HEADER:
+        lsn, kind, payload = entry
+        if self.staged_name:
+            self.staged_name = b""
+            self._staged_hashes = bytearray()
+        if lsn != self._next_lsn or kind is not EntryKind.HEADER:
             raise ProtocolError(f"journal: expected the header of LSN {self._next_lsn}, "
                                 f"found entry kind {int(kind)} of LSN {lsn}")
-        frame = decode_frame(entry.payload)  # type: ignore[attr-defined]
-        if frame.lsn != lsn or not isinstance(frame.body, Header):
+        frame = decode_frame(payload)
+        body = frame.body
+        if frame.lsn != lsn or not isinstance(body, Header):
             raise ProtocolError(f"journal: entry of LSN {lsn} does not hold its header")
         self.lsn = lsn
         self._next_lsn = lsn + 1
         self._end = None
-        return frame.body
+        return body
 
     def blocks(self) -> Iterator[Block]:
         """The current record's blocks, up to its End (which `end()` then returns)."""
+        record = self.lsn
         while (entry := self._next()) is not None:
-            lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
-            if lsn == self.lsn and kind == EntryKind.STAGED:
-                self._add_staged(entry.payload)  # type: ignore[attr-defined]
-                continue
-            if lsn != self.lsn or kind not in (EntryKind.BLOCK, EntryKind.END):
-                raise ProtocolError(f"journal: LSN {self.lsn} is followed by entry kind "
+            lsn, kind, payload = entry
+            if lsn != record or kind is EntryKind.HEADER:
+                raise ProtocolError(f"journal: LSN {record} is followed by entry kind "
                                     f"{int(kind)} of LSN {lsn} before its end")
-            frame = decode_frame(entry.payload)  # type: ignore[attr-defined]
+            if kind is EntryKind.STAGED:
+                self._add_staged(payload)
+                continue
+            frame = decode_frame(payload)
             body = frame.body
-            if frame.lsn != lsn or isinstance(body, Header):
+            if frame.lsn != lsn:
                 raise ProtocolError(f"journal: malformed entry in LSN {lsn}")
-            if kind == EntryKind.END:
-                if not isinstance(body, End):
-                    raise ProtocolError(f"journal: END entry of LSN {lsn} holds no end")
-                self._end = body
-                return
-            if not isinstance(body, Block):
-                raise ProtocolError(f"journal: BLOCK entry of LSN {lsn} holds no block")
-            yield body
-        raise ProtocolError(f"journal: LSN {self.lsn} ends without its end frame")
+            if kind is EntryKind.BLOCK:
+                if not isinstance(body, Block):
+                    raise ProtocolError(f"journal: BLOCK entry of LSN {lsn} holds no block")
+                yield body
+                continue
+            if not isinstance(body, End):
+                raise ProtocolError(f"journal: END entry of LSN {lsn} holds no end")
+            self._end = body
+            return
+        raise ProtocolError(f"journal: LSN {record} ends without its end frame")
 
     def end(self) -> End:
         """The current record's End, skipping whatever blocks were not read."""
@@ -218,7 +228,11 @@ def _parent(path: str) -> str:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return  # almost always: a file write is short only on a signal or a full disk
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
@@ -595,15 +609,16 @@ class Applier:
         sized = False  # a new file that its last block gave its full size already
         for block in reader.blocks():
             i = block.index
-            if not 0 <= i < n or block.raw_len != block_length(i, size, bs):
-                raise ProtocolError(f"block {i} of {block.raw_len} bytes does not fit a "
+            raw_len = block.raw_len
+            if not 0 <= i < n or raw_len != (bs if i < n - 1 else last_len):
+                raise ProtocolError(f"block {i} of {raw_len} bytes does not fit a "
                                     f"file of {size} bytes")
             if block.codec is Codec.ZERO:
-                h_i = zero_hash(block.raw_len)
+                h_i = zero_hash(raw_len)
                 if old is not None:  # a new file is all holes already
-                    _pwrite_all(fd, decode_block(block.codec, block.raw_len, b"", bs), i * bs)
+                    _pwrite_all(fd, decode_block(block.codec, raw_len, b"", bs), i * bs)
             else:
-                data = decode_block(block.codec, block.raw_len, block.data, bs)
+                data = decode_block(block.codec, raw_len, block.data, bs)
                 _pwrite_all(fd, data, i * bs)
                 h_i = block_hash(data)
                 sized = sized or (old is None and i == n - 1)

@@ -135,6 +135,7 @@ class Mirror:
         self.root = Path(os.path.abspath(root))
         self.staging_dir = Path(os.path.abspath(staging_dir))
         self._staging_prefix = os.fsencode(self.staging_dir)
+        self._staging_str = os.fsdecode(self._staging_prefix + b"/")  # staged paths start so
         _makedirs(self.root, DIR_MODE)
         _makedirs(self.staging_dir, STAGING_DIR_MODE)
         self._root_fd = -1
@@ -144,7 +145,7 @@ class Mirror:
         # least recently used first
         self._dirs: dict[str, tuple[int, int]] = {}
         # staged names: random per instance, then a counter (O_EXCL still decides)
-        self._stage_tag = secrets.token_hex(4).encode()
+        self._stage_prefix = b"%s%s-" % (STAGED_PREFIX.encode(), secrets.token_hex(4).encode())
         self._stage_seq = itertools.count()
         try:
             # The root itself comes from configuration, not the wire: it may be a symlink.
@@ -261,7 +262,7 @@ class Mirror:
                 )
             except FileExistsError:
                 continue
-            return fd, os.fsdecode(self._staging_prefix + b"/" + name)
+            return fd, self._staging_str + name.decode("ascii")  # names are ASCII
 
     def stage_copy(self, path: str) -> tuple[int, str]:
         """Like new_staged, but starting as a copy of the regular file at `path`.
@@ -580,13 +581,14 @@ class Mirror:
         os.utime(name, ns=(attrs.mtime_ns, attrs.mtime_ns), dir_fd=dfd, follow_symlinks=False)
 
     def _staged_name(self) -> bytes:
-        return b"%s%s-%d" % (STAGED_PREFIX.encode(), self._stage_tag, next(self._stage_seq))
+        return b"%s%d" % (self._stage_prefix, next(self._stage_seq))
 
     def _staged_basename(self, staged: str) -> bytes:
-        head, name = os.path.split(os.fsencode(staged))
-        if head != self._staging_prefix or not name:
-            raise ValueError(f"not in this mirror's staging dir: {staged!r}")
-        return name
+        if staged.startswith(self._staging_str):
+            name = staged[len(self._staging_str):]
+            if name and "/" not in name:
+                return os.fsencode(name)
+        raise ValueError(f"not in this mirror's staging dir: {staged!r}")
 
 
 # -- helpers ---------------------------------------------------------------------------
