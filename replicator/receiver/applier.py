@@ -272,6 +272,9 @@ class Applier:
         self._in_place = False   # the record being applied patches its file in place
         # Keep links left by a crash: the patches of the last group that did get applied.
         self._replay_keeps = self._keep_lsns()
+        # Up to here the mirror may be ahead of the manifest (a crash, or a restart after a
+        # failed record): see _put_file.
+        self._replay_to = journal.flushed_lsn  # 0 while the journal is not open: recover sets it
         self._last_hashes = b""
 
     # ---- public ----
@@ -322,6 +325,7 @@ class Applier:
         """
         target = self.journal.flushed_lsn
         start = self.applied_lsn
+        self._replay_to = max(self._replay_to, target)
         self._clean_staging()
         try:
             while self.applied_lsn < target:
@@ -485,7 +489,7 @@ class Applier:
                 os.close(fd)
             if h.base is Base.PREVIOUS:
                 self._keep(staged, lsn)
-            self.mirror.install(staged, h.path)
+            replaced_dir = self.mirror.install(staged, h.path)
         except _Discard:
             self.mirror.discard_staged(staged)
             return False
@@ -497,7 +501,7 @@ class Applier:
         except BaseException:
             self.mirror.discard_staged(staged)
             raise
-        self._put_file(h, self._last_hashes, end.digest)
+        self._put_file(h, self._last_hashes, end.digest, lsn, replaced_dir)
         return True
 
     def _aborted(self, lsn: int) -> bool:
@@ -532,7 +536,7 @@ class Applier:
             self._dirty_dirs.add(_parent(h.path))
             self._resync(r.kind, r.path, str(r))
             return False
-        self._put_file(h, self._last_hashes, end.digest)
+        self._put_file(h, self._last_hashes, end.digest, reader.lsn, True)
         return True
 
     def _apply_staged(self, reader: _RecordReader, h: Header, name: bytes,
@@ -563,13 +567,13 @@ class Applier:
             finally:
                 os.close(fd)
             self._keep(staged, lsn)
-            self.mirror.install(staged, h.path)
+            replaced_dir = self.mirror.install(staged, h.path)
         except _Resync as r:
             self.mirror.discard_staged(staged)
             self.manifest.delete_tree(h.path)
             self._resync(r.kind, r.path, str(r))
             return False
-        self._put_file(h, hashes, end.digest)
+        self._put_file(h, hashes, end.digest, lsn, replaced_dir)
         return True
 
     def _base_problem(self, h: Header, old: ManifestEntry | None) -> str:
@@ -665,7 +669,7 @@ class Applier:
         if reader.staged_name:
             # a crash between the keep link and the install left the staged name too
             self.mirror.discard_staged(self.mirror.incoming_path(reader.staged_name))
-        self._put_file(h, hashes, end.digest)
+        self._put_file(h, hashes, end.digest, lsn, True)
         return True
 
     @staticmethod
@@ -684,9 +688,16 @@ class Applier:
         finally:
             os.close(fd)
 
-    def _put_file(self, h: Header, hashes: bytes, digest: bytes) -> None:
+    def _put_file(self, h: Header, hashes: bytes, digest: bytes, lsn: int,
+                  replaced_dir: bool) -> None:
+        """The manifest entry of a file just installed. Entries below its path are removed
+        only if the install replaced a directory: the manifest holds entries below a path
+        only while the mirror has a directory there, since every record changes both. A
+        replay is the exception (the mirror is ahead: its file may stand where the
+        manifest still has a directory), so it always removes them."""
         assert h.attrs is not None
-        self.manifest.put_file(h.path, h.size, h.attrs.mode, h.attrs.mtime_ns, digest, hashes)
+        self.manifest.put_file(h.path, h.size, h.attrs.mode, h.attrs.mtime_ns, digest, hashes,
+                               replacing=replaced_dir or lsn <= self._replay_to)
         self._dirty_dirs.add(_parent(h.path))
 
     def _replace_entry(self, entry: ManifestEntry, *, dir_ok: bool = False) -> None:

@@ -293,12 +293,14 @@ class Manifest:
                       len(entry.hashes or b""))
 
     def put_file(self, path: str, size: int, mode: int, mtime_ns: int, digest: bytes,
-                 hashes: bytes) -> None:
-        """`put_replacing` of a regular file from its fields: the applier calls it for
-        every file it installs, and a ManifestEntry would only be taken apart again."""
+                 hashes: bytes, *, replacing: bool = True) -> None:
+        """`put_replacing` (or with `replacing=False`, `put`) of a regular file from its
+        fields: the applier calls it for every file it installs, and a ManifestEntry
+        would only be taken apart again."""
         self._begin()
         raw = encode_name(path)
-        self._delete_below(raw)
+        if replacing:
+            self._delete_below(raw)
         self._add_row(raw, (raw, "file", size, mode, mtime_ns, digest, hashes, None),
                       len(hashes))
 

@@ -333,11 +333,12 @@ class Mirror:
 
     # -- writing ------------------------------------------------------------------------
 
-    def install(self, staged: str, path: str) -> None:
+    def install(self, staged: str, path: str) -> bool:
         """Rename the staged file to `path` atomically, replacing what is there.
 
         A directory at `path` is removed recursively first (rename cannot replace a
-        directory with a file). Missing parents are created, never through a symlink.
+        directory with a file); True if one was. Missing parents are created, never
+        through a symlink.
         """
         src = self._staged_basename(staged)
         dfd, name = self._parent(path, create=True)
@@ -350,6 +351,8 @@ class Mirror:
                 os.rename(src, name, src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
             finally:
                 self._forget_dirs()  # closes dfd too: it is not used after this
+            return True
+        return False
 
     def mkdir(self, path: str, attrs: Attrs) -> None:
         """Make `path` a directory with `attrs`: kept if one is there, else replacing what is."""

@@ -777,6 +777,45 @@ def test_crash_inside_install_then_recover(tmp_path: Path, reference: tuple[obje
         e.close()
 
 
+# A file replaces a directory that holds files (one made explicitly, one only as a
+# missing parent); the manifest must end without what was below, whether the replacement
+# is applied once or replayed over a mirror that already shows it.
+OVER_DIR = [
+    mkdir(1, "p"),
+    new_file(2, "p/a", b"a"),
+    new_file(3, "p/b/c", b"c"),
+    new_file(4, "p", b"now a file"),
+    new_file(5, "q", b"q"),
+]
+
+
+@pytest.mark.parametrize("crash", [None, 4, 5])
+def test_a_file_over_a_directory_leaves_nothing_below_it_in_the_manifest(
+        tmp_path: Path, crash: int | None) -> None:
+    e = Env(tmp_path)
+    try:
+        e.add(*OVER_DIR)
+        assert e.applier.apply_upto(3) == 3  # p and what is below it are committed first
+        if crash is not None:
+            e.close()
+            # the file is installed, the commit that would record it never happens
+            assert run_child(crash_at_commit(e, 3, crash)) == signal.SIGKILL
+            # reopened as the receiver's dataset does: the applier before the journal
+            e.manifest = Manifest(e.state / "manifest.db")
+            e.journal = Journal(e.state / "journal")
+            e.mirror = Mirror(e.mirror_dir, e.state / "staging")
+            e.applier = Applier(e.journal, e.mirror, e.manifest, e.state / "keep")
+            e.journal.open(e.manifest.applied_lsn)
+            e.applier.recover()
+        else:
+            e.apply()
+        assert e.applier.applied_lsn == 5 and e.applier.error is None
+        assert [x.path for x in e.manifest.entries()] == ["p", "q"]
+        assert_manifest_matches_mirror(e)
+    finally:
+        e.close()
+
+
 def test_recover_after_a_clean_stop_replays_nothing(env: Env,
                                                     reference: tuple[object, ...]) -> None:
     env.add(*CRASH_SEQ)
