@@ -764,6 +764,52 @@ def test_xattrs_on_a_staged_fd(mirror: Mirror) -> None:
     assert p.lstat().st_mtime_ns == NS
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o755, 0o000, 0o4755, 0o2750, 0o1777])
+@pytest.mark.parametrize("owner", [None, "mine", "other"])
+def test_a_fresh_staged_file_ends_with_exactly_the_record_attrs(
+        mirror: Mirror, mode: int, owner: str | None) -> None:
+    ids: tuple[int | None, int | None] = (None, None)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("ownership is replicated only as root")
+        ids = (os.geteuid(), os.getegid()) if owner == "mine" else (77, 88)
+    attrs = Attrs(stat.S_IFREG | mode, NS, uid=ids[0], gid=ids[1], xattrs={})
+    fd, staged = mirror.new_staged()
+    try:
+        os.write(fd, b"data")
+        mirror.set_attrs_fd(fd, attrs, fresh=True)
+    finally:
+        os.close(fd)
+    mirror.install(staged, "f")
+    st = (mirror.root / "f").lstat()
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (mode, NS)
+    if owner is not None:
+        assert (st.st_uid, st.st_gid) == ids
+
+
+def test_fresh_means_the_file_new_staged_just_made(mirror: Mirror) -> None:
+    """set_attrs_fd(fresh=True) on any other fd sets everything, as for any file."""
+    if os.geteuid() != 0:
+        pytest.skip("ownership is replicated only as root")
+    mine = Attrs(stat.S_IFREG | 0o640, NS, uid=os.geteuid(), gid=os.getegid(), xattrs={})
+    fd1, staged1 = mirror.new_staged()
+    fd2, staged2 = mirror.new_staged()
+    try:
+        os.fchown(fd1, 77, 88)  # as a file not fresh could be
+        os.fchown(fd2, 77, 88)
+        mirror.set_attrs_fd(fd1, mine, fresh=True)  # not the last new_staged
+        mirror.set_attrs_fd(fd2, Attrs(stat.S_IFREG | 0o600, NS), fresh=True)
+        mirror.set_attrs_fd(fd2, mine, fresh=True)  # once only
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+    mirror.install(staged1, "one")
+    mirror.install(staged2, "two")
+    for name in ("one", "two"):
+        st = (mirror.root / name).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (mine.uid, mine.gid, 0o640)
+
+
 def posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
     """A system.posix_acl_* value: version 2, then (tag, perm, id) entries."""
     import struct
@@ -785,14 +831,16 @@ def test_a_fresh_staged_file_ends_with_exactly_the_record_xattrs(tmp_path: Path,
             [(1, 7, any_id), (2, 7, 65534), (4, 5, any_id), (0x10, 7, any_id),
              (0x20, 5, any_id)]))
     with Mirror(tmp_path / "mirror", staging) as m:
+        attrs = Attrs(FILE_ATTRS.mode, NS, xattrs={})
         fd, staged = m.new_staged()
         try:
             assert bool(os.listxattr(fd)) == default_acl
-            m.set_attrs_fd(fd, Attrs(FILE_ATTRS.mode, NS, xattrs={}), fresh=True)
+            m.set_attrs_fd(fd, attrs, fresh=True)
         finally:
             os.close(fd)
         m.install(staged, "f")
         assert os.listxattr(m.root / "f") == []
+        assert stat.S_IMODE((m.root / "f").stat().st_mode) == 0o640
 
 
 def test_xattrs_skipped_where_unsupported(
