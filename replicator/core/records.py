@@ -69,7 +69,7 @@ class Block:
     index: int
     codec: Codec
     raw_len: int
-    data: bytes
+    data: bytes | memoryview  # agent side: may be a view of the chunk read (immutable)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
         b.index = body.index
         b.codec = int(body.codec)  # type: ignore[assignment]
         b.raw_len = body.raw_len
-        b.data = body.data
+        b.data = body.data if isinstance(body.data, bytes) else bytes(body.data)
     elif isinstance(body, Header):
         h = m.header
         h.op = int(body.op)  # type: ignore[assignment]
@@ -116,15 +116,17 @@ def frame_from_pb(m: pb.Frame) -> Frame:
             codec = Codec(b.codec)
         except ValueError:
             raise ProtocolError(f"LSN {m.lsn}: unknown codec {b.codec}") from None
-        if not 0 < b.raw_len <= MAX_BLOCK_SIZE:
-            raise ProtocolError(f"LSN {m.lsn}: block of {b.raw_len} bytes")
-        if codec is Codec.RAW and len(b.data) != b.raw_len:
-            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(b.data)} != {b.raw_len}")
-        if codec is Codec.ZERO and b.data:
+        raw_len = b.raw_len
+        if not 0 < raw_len <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"LSN {m.lsn}: block of {raw_len} bytes")
+        data = b.data  # once: every read of a bytes field copies it out of the message
+        if codec is Codec.RAW and len(data) != raw_len:
+            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(data)} != {raw_len}")
+        if codec is Codec.ZERO and data:
             raise ProtocolError(f"LSN {m.lsn}: zero block carries data")
-        if len(b.data) > MAX_BLOCK_SIZE + 4096:
-            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(b.data)} bytes")
-        return Frame(m.lsn, Block(b.index, codec, b.raw_len, b.data))
+        if len(data) > MAX_BLOCK_SIZE + 4096:
+            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(data)} bytes")
+        return Frame(m.lsn, Block(b.index, codec, raw_len, data))
     if kind == "header":
         h = m.header
         try:
@@ -176,20 +178,3 @@ def decode_frame(payload: bytes) -> Frame:
         raise ProtocolError(f"undecodable frame: {e}") from None
     return frame_from_pb(m)
 
-
-def _varint_size(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
-def batch_message_size(batch: pb.Batch) -> int:
-    """AgentMessage(batch=batch).ByteSize(), which the agent counts for flow control.
-
-    Summed from the frames' sizes: upb's ByteSize of a whole 1 MiB message costs over a
-    millisecond (it walks the message much as serialising does), a frame's a microsecond.
-    Field tags are one byte (AgentMessage.batch = 2, Batch.frames = 1).
-    """
-    inner = 0
-    for f in batch.frames:
-        n = f.ByteSize()
-        inner += 1 + _varint_size(n) + n
-    return 1 + _varint_size(inner) + inner
