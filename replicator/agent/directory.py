@@ -105,13 +105,14 @@ class DirectorySource:
     """One `directory` dataset: watcher, view, reconciler; an `Endpoint` of the link."""
 
     def __init__(self, config: DatasetConfig, state_dir: Path, link: Link, *,
-                 block_size: int, rescan_interval: float = 300.0,
+                 block_size: int, rescan_interval: float = 300.0, compress: bool = True,
                  with_owner: bool | None = None) -> None:
         self.config = config
         self.name = config.name
         self.root = Path(config.path)
         self.block_size = block_size
         self.rescan_interval = rescan_interval
+        self.compress = compress  # lz4 data blocks that shrink (else ship them raw)
         self.excludes = Excludes(config.exclude)
         self.with_owner = os.geteuid() == 0 if with_owner is None else with_owner
         self.link = link
@@ -688,7 +689,8 @@ class DirectorySource:
         changes while it is read is simply read again: no record is voided on the wire.
         """
         for attempt in range(3):
-            with FileReader(self.root / path, self.block_size, old_hashes) as reader:
+            with FileReader(self.root / path, self.block_size, old_hashes,
+                            compress=self.compress) as reader:
                 blocks = [b for chunk in reader.chunks() for b in chunk]
                 try:
                     state = reader.finish()
@@ -716,7 +718,7 @@ class DirectorySource:
             first_seen = min(first_seen, resume[0].first_seen)
             skip = resume[1]
         reader = await asyncio.to_thread(FileReader, self.root / path, self.block_size,
-                                         old_hashes, start_block=skip)
+                                         old_hashes, start_block=skip, compress=self.compress)
         try:
             st0 = reader.stat
             if skip and resume is not None and _Sending.of(resume[0].lsn, path, st0,
@@ -726,7 +728,8 @@ class DirectorySource:
                 reader.close()
                 skip = 0
                 reader = await asyncio.to_thread(FileReader, self.root / path,
-                                                 self.block_size, old_hashes)
+                                                 self.block_size, old_hashes,
+                                                 compress=self.compress)
                 st0 = reader.stat
             attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
             header = self._file_header(path, attrs, st0.st_size, entry, first_seen)

@@ -40,7 +40,7 @@ class Pair:
         self.agent = Daemon(self.agent.args, self.agent.log_path).start()
 
 
-def make_pair(tmp: Path, *, agent_target_port: int | None = None) -> Pair:
+def make_pair(tmp: Path, *, agent_target_port: int | None = None, agent_extra: str = "") -> Pair:
     src = tmp / "src"
     src.mkdir(exist_ok=True)
     mirror_root = tmp / "mirror"
@@ -48,7 +48,7 @@ def make_pair(tmp: Path, *, agent_target_port: int | None = None) -> Pair:
     rconf = receiver_config(tmp / "receiver.toml", listen_port=rport, state=tmp / "rstate",
                             mirror_root=mirror_root, http_port=rhttp)
     aconf = agent_config(tmp / "agent.toml", receiver_port=agent_target_port or rport,
-                         state=tmp / "astate", source=src, http_port=ahttp)
+                         state=tmp / "astate", source=src, http_port=ahttp, extra=agent_extra)
     receiver = Daemon(["receiver", "--config", str(rconf), "--log-level", "debug"],
                       tmp / "receiver.log")
     agent = Daemon(["agent", "--config", str(aconf), "--log-level", "debug"], tmp / "agent.log")

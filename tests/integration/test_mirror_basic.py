@@ -129,7 +129,8 @@ def test_metrics_count_raw_and_wire_bytes(tmp_path: Path) -> None:
         raw = samples[("replicator_bytes_total", "raw")]
         wire = samples[("replicator_bytes_total", "wire")]
         assert raw == (src / "text").stat().st_size
-        assert 0 < wire < raw / 10, "repetitive text travels lz4-compressed"
+        # over loopback (compression "auto") moving bytes is cheaper than compressing them
+        assert raw < wire < raw * 1.01, "data travels raw, with a little framing"
         assert samples[("replicator_records_total", None)] >= 1
     finally:
         assert mirror.stop() == 0, mirror.log()
