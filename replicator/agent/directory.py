@@ -21,7 +21,9 @@ sent as attributes only if its content is the same.
 The safety guard: before deleting anything, and before every full rescan, the root must
 still be the directory it was (same file system, readable, not suddenly empty). If not,
 the dataset stops shipping and reports an error until the root is healthy again: an
-unmounted disk must never wipe the mirror.
+unmounted disk must never wipe the mirror. Only an emptied root can be let through, once,
+by the operator's `replicator allow-empty` (see agent/allow_empty.py); a root that is gone,
+on another file system or unreadable is an unmount, and no confirmation covers it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import sqlite3
 import stat as st_mod
 import time
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import xxhash
 
+from replicator.agent import allow_empty
 from replicator.agent.excludes import Excludes
 from replicator.agent.index import (
     KIND_DIR,
@@ -115,6 +119,7 @@ class DirectorySource:
         self.excludes = Excludes(config.exclude)
         self.with_owner = os.geteuid() == 0 if with_owner is None else with_owner
         self.link = link
+        self.state_dir = state_dir
         try:
             self.index = Index(state_dir / "index.db")
         except (sqlite3.OperationalError, OSError) as e:
@@ -150,6 +155,12 @@ class DirectorySource:
         self.watcher: Watcher | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._root_dev: int | None = None
+        # the operator let this emptying through (allow-empty): it holds until the root
+        # is non-empty again or its deletions are all shipped, across reconnects
+        self._empty_allowed = False
+        # a confirmation came while the root looked unmounted: it was refused, and the
+        # error says so until the root is healthy again
+        self._allow_refused = False
         self._wake = asyncio.Event()
         self._error_logged: dict[str, float] = {}
         self._xattrs_supported = True
@@ -404,25 +415,105 @@ class DirectorySource:
     # ---- safety guard ----
 
     def _check_root(self) -> None:
+        """Raises SourceUnsafe unless the root is still the directory it was.
+
+        An emptied root passes if the operator confirmed it (see _use_confirmation). The
+        other failures look like an unmounted disk, and a confirmation never covers them.
+        """
         try:
             st = os.stat(self.root)
         except OSError as e:
-            raise SourceUnsafe(f"dataset root {self.root} is gone ({e.strerror})") from None
+            raise self._unmounted(f"dataset root {self.root} is gone ({e.strerror})") from None
         if not st_mod.S_ISDIR(st.st_mode):
-            raise SourceUnsafe(f"dataset root {self.root} is not a directory")
+            raise self._unmounted(f"dataset root {self.root} is not a directory")
         if self._root_dev is None:
             self._root_dev = st.st_dev
         elif st.st_dev != self._root_dev:
-            raise SourceUnsafe(f"dataset root {self.root} is on another file system now "
-                               "(unmounted?)")
+            raise self._unmounted(f"dataset root {self.root} is on another file system now "
+                                  "(unmounted?)")
         try:
             with os.scandir(self.root) as it:
                 empty = next(it, None) is None
         except OSError as e:
-            raise SourceUnsafe(f"dataset root {self.root} is unreadable ({e.strerror})") from None
+            raise self._unmounted(f"dataset root {self.root} is unreadable "
+                                  f"({e.strerror})") from None
+        self._allow_refused = False
         if empty and self.view.children(""):
-            raise SourceUnsafe(f"dataset root {self.root} became empty in one go; not "
-                               "wiping the mirror")
+            if not self._empty_allowed and not self._use_confirmation(use=True):
+                raise SourceUnsafe(
+                    f"dataset root {self.root} became empty in one go; not wiping the mirror. "
+                    f"If it was emptied on purpose, run: {self._allow_empty_command()}")
+            self._empty_allowed = True
+            return
+        self._empty_allowed = False
+        self._use_confirmation(use=False)  # a void one is removed, and said so, now
+
+    def _unmounted(self, message: str) -> SourceUnsafe:
+        """The error for a root that looks unmounted. A confirmation to ship an emptied root
+        that arrives now is refused and removed: it was given for something else."""
+        self._empty_allowed = False
+        try:
+            confirmed = allow_empty.read(self.state_dir) is not None
+        except (allow_empty.BadConfirmation, OSError):
+            confirmed = True  # whatever it is, it must not be used later
+        if confirmed and self._discard_confirmation():
+            log.warning("allow-empty refused, confirmation removed dataset=%s reason=%r: "
+                        "the root looks unmounted, not emptied", self.name, message)
+            self._allow_refused = True
+        if self._allow_refused:
+            message += ("; allow-empty refused: a root that is gone, on another file system "
+                        "or unreadable is an unmount, not an emptying: mount it again")
+        return SourceUnsafe(message)
+
+    def _use_confirmation(self, *, use: bool) -> bool:
+        """Looks at the operator's allow-empty confirmation; True if it lets this emptying
+        through. A good one is used up when `use` (removed before anything is shipped, so
+        that it never lets a second emptying through); a void one (expired, unreadable,
+        for another dataset) is removed with a log line."""
+        void: str | None = None
+        now = time.time()
+        age = 0.0
+        try:
+            c = allow_empty.read(self.state_dir)
+            if c is None:
+                return False
+            age = c.age(now)
+            if c.dataset != self.name:
+                void = f"it names dataset {c.dataset!r}"
+            elif not c.fresh(now):
+                void = (f"expired: given {age:.0f} s ago, good for "
+                        f"{allow_empty.ALLOW_EMPTY_TTL:.0f} s")
+            elif not use:
+                return False  # given before the emptying: it waits for it
+        except (allow_empty.BadConfirmation, OSError) as e:
+            void = f"unreadable: {e}"
+        if not self._discard_confirmation():
+            return False
+        if void is not None:
+            log.warning("allow-empty confirmation void, removed dataset=%s reason=%r",
+                        self.name, void)
+            return False
+        log.warning("operator allowed shipping the emptied root (allow-empty) dataset=%s "
+                    "root=%s given_seconds_ago=%.1f entries_to_delete=%d", self.name,
+                    self.root, age, len(self.view.children("")))
+        return True
+
+    def _discard_confirmation(self) -> bool:
+        try:
+            allow_empty.discard(self.state_dir)
+        except OSError as e:
+            self._log_error("state", "allow-empty", "cannot remove the allow-empty "
+                            f"confirmation in {self.state_dir}: {e.strerror or e}; not using it")
+            return False
+        return True
+
+    def _allow_empty_command(self) -> str:
+        """The command that confirms this dataset's emptying, for the error text."""
+        if self.state_dir.parent.name == "datasets":  # <state_dir>/datasets/<name>
+            agent_state = shlex.quote(str(self.state_dir.parent.parent.absolute()))
+            return (f"replicator allow-empty --state-dir {agent_state} "
+                    f"--dataset {shlex.quote(self.name)}")
+        return f"replicator allow-empty --config AGENT.toml --dataset {shlex.quote(self.name)}"
 
     # ---- reconciling ----
 
