@@ -1,0 +1,131 @@
+"""`replicator allow-empty`: the operator lets the safety guard ship one deliberate emptying
+of a dataset's root; the next emptying is guarded again, and an unmount never gets through."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicator.agent import allow_empty
+from tests.integration.conftest import Pair, make_pair
+from tests.integration.harness import get_json, snapshot, wait_converged, wait_for
+
+CONFIRMATION = Path("astate/datasets/docs/allow-empty")
+
+
+def replicator(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "replicator", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def fill(directory: Path, n: int = 20) -> None:
+    directory.mkdir()
+    for i in range(n):
+        (directory / f"f{i}").write_text(str(i))
+
+
+def guarded(pair: Pair, text: str) -> dict[str, Any]:
+    """Waits until the agent reports the dataset in error with `text` in the error."""
+    def row() -> dict[str, Any] | None:
+        r: dict[str, Any] = get_json(pair.agent_status)["datasets"][0]
+        return r if r["state"] == "error" and text in (r.get("error") or "") else None
+    return wait_for(row, 30, message=f"the guard's error {text!r}")  # type: ignore[no-any-return]
+
+
+def applied_lsn(pair: Pair) -> int:
+    return int(get_json(pair.receiver_status)["datasets"][0]["applied_lsn"])
+
+
+def test_operator_lets_one_emptying_through(pair: Pair) -> None:
+    fill(pair.src / "data")
+    pair.receiver.start()
+    pair.agent.start()
+    wait_converged(pair.src, pair.dst)
+    before, lsn = snapshot(pair.dst), applied_lsn(pair)
+    # emptied in one go: the root's only entry leaves in one rename
+    (pair.src / "data").rename(pair.tmp / "trash1")
+    row = guarded(pair, "became empty in one go")
+    # the guard stops before the first deletion goes out
+    assert snapshot(pair.dst) == before and applied_lsn(pair) == lsn
+    # the error names the command to run; run it as an operator would paste it
+    command = row["error"].split("run: ", 1)[1]
+    assert command.startswith("replicator allow-empty --state-dir "), command
+    r = replicator(*shlex.split(command)[1:])
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and not r.stderr
+    wait_converged(pair.src, pair.dst)
+    assert not any(pair.dst.iterdir())
+    wait_for(lambda: get_json(pair.agent_status)["datasets"][0]["state"] == "streaming", 30,
+             message="the dataset to stream again")
+    assert pair.agent.log().count("operator allowed shipping the emptied root") == 1
+    assert not (pair.tmp / CONFIRMATION).exists(), "the confirmation is used up"
+
+    # refilled, then emptied again: guarded again, the confirmation was for one emptying
+    fill(pair.src / "again")
+    wait_converged(pair.src, pair.dst)
+    before, lsn = snapshot(pair.dst), applied_lsn(pair)
+    (pair.src / "again").rename(pair.tmp / "trash2")
+    guarded(pair, "became empty in one go")
+    assert snapshot(pair.dst) == before and applied_lsn(pair) == lsn
+
+    # a confirmation given too long ago is void: removed with a log line, the guard holds
+    allow_empty.grant((pair.tmp / CONFIRMATION).parent, "docs",
+                      now=time.time() - allow_empty.ALLOW_EMPTY_TTL - 60)
+    wait_for(lambda: "allow-empty confirmation void" in pair.agent.log(), 30,
+             message="the expired confirmation to be noticed")
+    assert "expired" in pair.agent.log() and not (pair.tmp / CONFIRMATION).exists()
+    assert get_json(pair.agent_status)["datasets"][0]["state"] == "error"
+    assert snapshot(pair.dst) == before
+
+    # this time the operator names the agent's configuration
+    r = replicator("allow-empty", "--config", str(pair.tmp / "agent.toml"), "--dataset", "docs")
+    assert r.returncode == 0, r.stderr
+    wait_converged(pair.src, pair.dst)
+    assert not any(pair.dst.iterdir())
+    assert pair.agent.stop() == 0
+    assert pair.receiver.stop() == 0
+
+
+@pytest.fixture
+def mounted_pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A pair whose source is a tmpfs of its own, so that it can be unmounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    p = make_pair(tmp_path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(p.src)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield p
+    finally:
+        for d in (p.agent, p.receiver):
+            d.kill()
+        if os.path.ismount(p.src):
+            subprocess.run(["umount", "-l", str(p.src)], check=False)
+
+
+def test_an_unmount_is_never_let_through(mounted_pair: Pair) -> None:
+    p = mounted_pair
+    fill(p.src / "data")
+    p.receiver.start()
+    p.agent.start()
+    wait_converged(p.src, p.dst)
+    before = snapshot(p.dst)
+    subprocess.run(["umount", str(p.src)], check=True)  # the bare, empty mount point stays
+    guarded(p, "another file system")
+    # the command cannot tell an empty mount point from an emptied root; the agent can
+    r = replicator("allow-empty", "--config", str(p.tmp / "agent.toml"), "--dataset", "docs")
+    assert r.returncode == 0, r.stderr
+    row = guarded(p, "allow-empty refused")
+    assert "unmount" in row["error"]
+    assert "allow-empty refused" in p.agent.log()
+    assert not (p.tmp / CONFIRMATION).exists(), "a refused confirmation is removed"
+    assert snapshot(p.dst) == before

@@ -1,0 +1,71 @@
+"""`replicator allow-empty`: writes the confirmation where the agent looks for it, or exits 2
+with one line on stderr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from replicator.agent import allow_empty
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "replicator", "allow-empty", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Path:
+    """An agent configuration whose dataset `docs` has run (its state dir exists)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "state" / "datasets" / "docs").mkdir(parents=True)
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'source_id = "app1"\nreceiver = "127.0.0.1:1"\n'
+                    f'state_dir = "{tmp_path / "state"}"\n'
+                    f'[[datasets]]\nname = "docs"\ntype = "directory"\n'
+                    f'path = "{tmp_path / "src"}"\n'
+                    f'[[datasets]]\nname = "gone"\ntype = "directory"\n'
+                    f'path = "{tmp_path / "nowhere"}"\n')
+    return conf
+
+
+@pytest.mark.parametrize("how", ["config", "state-dir"])
+def test_writes_a_fresh_confirmation(agent: Path, how: str) -> None:
+    where = str(agent) if how == "config" else str(agent.parent / "state")
+    before = time.time()
+    r = run(f"--{how}", where, "--dataset", "docs")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and not r.stderr
+    c = allow_empty.read(agent.parent / "state" / "datasets" / "docs")
+    assert c is not None and c.dataset == "docs" and before <= c.granted_at <= time.time()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dataset", "nope"], "no dataset 'nope' (configured: docs, gone)"),
+    (["--dataset", "gone"], "is gone"),                      # looks unmounted: refused
+    (["--dataset", "../docs"], "not a dataset name"),
+    (["--dataset", ".."], "not a dataset name"),
+    (["--state-dir", "STATE", "--dataset", "nope"], "no dataset 'nope' in"),
+    (["--config", "/nonexistent.toml", "--dataset", "docs"], "nonexistent.toml"),
+    (["--dataset"], "expected one argument"),
+    ([], "required"),
+])
+def test_refusals_exit_2_with_one_line(agent: Path, args: list[str], message: str) -> None:
+    if "--state-dir" not in args and "--config" not in args and args:
+        args = ["--config", str(agent), *args]
+    args = [str(agent.parent / "state") if a == "STATE" else a for a in args]
+    r = run(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not list((agent.parent / "state").rglob(allow_empty.FILE_NAME))
+
+
+def test_a_dataset_the_agent_never_ran_is_refused(agent: Path) -> None:
+    (agent.parent / "state" / "datasets" / "docs").rmdir()
+    r = run("--config", str(agent), "--dataset", "docs")
+    assert r.returncode == 2 and "never run it" in r.stderr, r.stderr
+    assert not (agent.parent / "state" / "datasets" / "docs").exists(), "nothing created"
