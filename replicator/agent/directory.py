@@ -910,14 +910,14 @@ class DirectorySource:
 
     def _attrs(self, path: str, st: os.stat_result | _Stat, *, fd: int | None = None,
                xattrs: bool = True) -> tuple[Attrs, bytes]:
-        values: dict[str, bytes] | None = None
+        values: dict[bytes, bytes] | None = None
         xdigest = b""
         if xattrs and self._xattrs_supported:
             values = self._read_xattrs(self.root / path if fd is None else fd)
             if values:
                 h = xxhash.xxh3_128()
                 for k in sorted(values):
-                    h.update(k.encode("utf-8", "surrogateescape") + b"\0" + values[k] + b"\0")
+                    h.update(k + b"\0" + values[k] + b"\0")
                 xdigest = h.digest()
         attrs = Attrs(
             mode=st.st_mode, mtime_ns=st.st_mtime_ns,
@@ -927,32 +927,32 @@ class DirectorySource:
         )
         return attrs, xdigest
 
-    def _read_xattrs(self, target: Path | int) -> dict[str, bytes] | None:
+    def _read_xattrs(self, target: Path | int) -> dict[bytes, bytes] | None:
+        """The extended attributes of `target`, names as the file system's bytes.
+
+        os.listxattr gives names as str decoded with surrogateescape, whatever the path's
+        type; os.fsencode gives back their exact bytes, which the wire carries as they are.
+        None where there are none to replicate (not supported, not allowed to read).
+        """
+        follow = isinstance(target, int)  # an fd is the file itself; a path: never follow
         try:
-            if isinstance(target, int):
-                names = self._xattr_names(os.listxattr(target), target)
-                return {n: os.getxattr(target, n) for n in names}
-            names = self._xattr_names(os.listxattr(target, follow_symlinks=False), target)
-            return {n: os.getxattr(target, n, follow_symlinks=False) for n in names}
+            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+            values = {}
+            for name in names:
+                try:
+                    values[name] = os.getxattr(target, name, follow_symlinks=follow)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        raise
+                    # removed since it was listed: the file has it no more
+            return values
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 self._xattrs_supported = False
                 return None
-            if e.errno in (errno.EACCES, errno.EPERM, errno.ENODATA):
+            if e.errno in (errno.EACCES, errno.EPERM):
                 return None
             raise
-
-    def _xattr_names(self, names: list[str], target: Path | int) -> list[str]:
-        """Names the wire can carry (its map keys are UTF-8); others are skipped, said once."""
-        good = []
-        for n in names:
-            try:
-                n.encode("utf-8")
-                good.append(n)
-            except UnicodeEncodeError:
-                self._log_error("xattr", f"xattr:{n!r}", f"extended attribute {n!r} of "
-                                f"{target} is not UTF-8 and is not replicated")
-        return good
 
     def _log_error(self, kind: str, key: str, message: str) -> None:
         self.error_kinds[kind] += 1
