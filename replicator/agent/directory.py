@@ -148,7 +148,7 @@ class DirectorySource:
         self.records_sent = 0
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
-        # by kind (read, xattr, receiver), never forgotten: replicator_errors_total
+        # by kind (read, receiver, state), never forgotten: replicator_errors_total
         self.error_kinds: Counter[str] = Counter()
         # change latency on the agent's clock: first seen -> the receiver's applied ack
         self.observe_latency: Callable[[float], None] | None = None
