@@ -42,11 +42,15 @@ def attrs_to_pb(a: Attrs, out: pb.Attrs) -> None:
         out.gid = a.gid
     if a.xattrs is not None:
         out.has_xattrs = True
-        # all in xattr_list, names as bytes; the old string-keyed map stays empty
+        # UTF-8 names in the map, as before xattr_list existed, so that an older receiver
+        # (which ignores xattr_list) keeps them; only the others need xattr_list
         for name, value in a.xattrs.items():
-            x = out.xattr_list.add()
-            x.name = name
-            x.value = value
+            try:
+                out.xattrs[name.decode()] = value
+            except UnicodeDecodeError:
+                x = out.xattr_list.add()
+                x.name = name
+                x.value = value
 
 
 def attrs_from_pb(m: pb.Attrs) -> Attrs:
@@ -57,8 +61,7 @@ def attrs_from_pb(m: pb.Attrs) -> Attrs:
         if count > MAX_XATTRS:
             raise ProtocolError(f"{count} extended attributes is too many")
         xattrs = {}
-        # the map is what agents before xattr_list sent, and what records they had
-        # journaled hold: UTF-8 names
+        # the union of both: map names are UTF-8, list names any bytes
         pairs = [(k.encode(), v) for k, v in m.xattrs.items()]
         pairs += [(x.name, x.value) for x in m.xattr_list]
         for name, value in pairs:

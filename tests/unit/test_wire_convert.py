@@ -220,10 +220,12 @@ def test_decode_frame_refuses_undecodable_bytes(payload: bytes) -> None:
         decode_frame(payload)
 
 
-def test_xattr_names_travel_as_bytes_in_xattr_list() -> None:
+def test_xattr_names_that_are_not_utf8_travel_as_bytes_in_xattr_list() -> None:
+    # UTF-8 names stay in the map: a receiver that predates xattr_list keeps them
     m = frame_to_pb(0, Frame(1, file_header(attrs=FULL_ATTRS))).header.attrs
-    assert m.has_xattrs and not m.xattrs, "the old string-keyed map stays empty"
-    assert {x.name: x.value for x in m.xattr_list} == FULL_ATTRS.xattrs
+    assert m.has_xattrs
+    assert dict(m.xattrs) == {"user.a": b"1", "user.empty": b""}
+    assert [(x.name, x.value) for x in m.xattr_list] == [(b"user.\xff\xfe", b"odd")]
 
 
 @pytest.mark.parametrize(("old_map", "new_list", "expected"), [
@@ -252,3 +254,19 @@ def test_xattrs_absent_means_leave_them_alone() -> None:
     header = frame_from_pb(frame_to_pb(0, VALID_FILE)).body
     assert isinstance(header, Header) and header.attrs is not None
     assert header.attrs.xattrs is None
+
+
+@pytest.mark.parametrize(("name", "in_map"), [
+    (b"user.a", True),
+    ("user.ü".encode(), True),
+    (b"user.\xff", False),             # not UTF-8 at all
+    (b"user.\xc3", False),             # a truncated sequence
+    (b"user.\xed\xa0\x80", False),     # an encoded surrogate, which UTF-8 forbids
+])
+def test_every_xattr_name_round_trips_exactly(name: bytes, in_map: bool) -> None:
+    frame = Frame(1, file_header(attrs=Attrs(mode=0o100644, mtime_ns=0,
+                                             xattrs={name: b"v"})))
+    m = frame_to_pb(0, frame)
+    assert (len(m.header.attrs.xattrs), len(m.header.attrs.xattr_list)) == (
+        (1, 0) if in_map else (0, 1))
+    assert decode_frame(m.SerializeToString()) == frame
