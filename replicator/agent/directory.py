@@ -22,7 +22,7 @@ The safety guard: before deleting anything, and before every full rescan, the ro
 still be the directory it was (same file system, readable, not suddenly empty). If not,
 the dataset stops shipping and reports an error until the root is healthy again: an
 unmounted disk must never wipe the mirror. Only an emptied root can be let through, once,
-by the operator's `replicator allow-empty` (see agent/allow_empty.py); a root that is gone,
+by the operator's `replicator allow-empty` (see agent/guard.py); a root that is gone,
 on another file system or unreadable is an unmount, and no confirmation covers it.
 """
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import xxhash
 
-from replicator.agent import allow_empty
+from replicator.agent import guard
 from replicator.agent.excludes import Excludes
 from replicator.agent.index import (
     KIND_DIR,
@@ -161,6 +161,8 @@ class DirectorySource:
         # a confirmation came while the root looked unmounted: it was refused, and the
         # error says so until the root is healthy again
         self._allow_refused = False
+        # the root's mount point was compared with the recorded one, with the root non-empty
+        self._mount_noted = False
         self._wake = asyncio.Event()
         self._error_logged: dict[str, float] = {}
         self._xattrs_supported = True
@@ -437,32 +439,71 @@ class DirectorySource:
         except OSError as e:
             raise self._unmounted(f"dataset root {self.root} is unreadable "
                                   f"({e.strerror})") from None
-        self._allow_refused = False
         if empty and self.view.children(""):
+            moved = self._mount_moved()
+            if moved is not None:
+                raise self._unmounted(moved)
+            self._allow_refused = False
             if not self._empty_allowed and not self._use_confirmation(use=True):
                 raise SourceUnsafe(
                     f"dataset root {self.root} became empty in one go; not wiping the mirror. "
                     f"If it was emptied on purpose, run: {self._allow_empty_command()}")
             self._empty_allowed = True
             return
+        self._allow_refused = False
         self._empty_allowed = False
+        if not empty:
+            self._note_mount()
         self._use_confirmation(use=False)  # a void one is removed, and said so, now
+
+    def _mount_moved(self) -> str | None:
+        """Why the root looks unmounted though it is on the same device as at start: it is
+        no longer where the recorded mount point says (after a restart, `_root_dev` was
+        learned from the empty mount point itself). None if it is where it was."""
+        recorded = guard.recorded_mount_point(self.state_dir)
+        if recorded is None:
+            return None
+        try:
+            now = guard.mount_point(self.root)
+        except OSError as e:
+            return f"dataset root {self.root} is unreadable ({e.strerror})"
+        if now == recorded:
+            return None
+        return (f"dataset root {self.root} is on the file system mounted at "
+                f"{os.fsdecode(now)} now, not {os.fsdecode(recorded)} (unmounted?); if it "
+                f"moved there on purpose, delete {self.state_dir / guard.ROOT_MOUNT_FILE}")
+
+    def _note_mount(self) -> None:
+        """Records where the root's file system is mounted, once a run, with the root
+        non-empty: what _mount_moved compares with after a restart."""
+        if self._mount_noted:
+            return
+        self._mount_noted = True
+        try:
+            mount = guard.mount_point(self.root)
+            if guard.recorded_mount_point(self.state_dir) != mount:
+                guard.record_mount_point(self.state_dir, mount)
+                log.info("dataset root's file system noted dataset=%s mount_point=%s",
+                         self.name, os.fsdecode(mount))
+        except OSError as e:
+            # not fatal: the guard still compares devices within this run
+            self._log_error("state", "root-mount", "cannot note the root's mount point in "
+                            f"{self.state_dir}: {e.strerror or e}")
 
     def _unmounted(self, message: str) -> SourceUnsafe:
         """The error for a root that looks unmounted. A confirmation to ship an emptied root
         that arrives now is refused and removed: it was given for something else."""
         self._empty_allowed = False
         try:
-            confirmed = allow_empty.read(self.state_dir) is not None
-        except (allow_empty.BadConfirmation, OSError):
+            confirmed = guard.read(self.state_dir) is not None
+        except (guard.BadConfirmation, OSError):
             confirmed = True  # whatever it is, it must not be used later
         if confirmed and self._discard_confirmation():
             log.warning("allow-empty refused, confirmation removed dataset=%s reason=%r: "
                         "the root looks unmounted, not emptied", self.name, message)
             self._allow_refused = True
         if self._allow_refused:
-            message += ("; allow-empty refused: a root that is gone, on another file system "
-                        "or unreadable is an unmount, not an emptying: mount it again")
+            message += "; allow-empty refused: that is an unmount, not an emptying"
         return SourceUnsafe(message)
 
     def _use_confirmation(self, *, use: bool) -> bool:
@@ -474,7 +515,7 @@ class DirectorySource:
         now = time.time()
         age = 0.0
         try:
-            c = allow_empty.read(self.state_dir)
+            c = guard.read(self.state_dir)
             if c is None:
                 return False
             age = c.age(now)
@@ -482,10 +523,10 @@ class DirectorySource:
                 void = f"it names dataset {c.dataset!r}"
             elif not c.fresh(now):
                 void = (f"expired: given {age:.0f} s ago, good for "
-                        f"{allow_empty.ALLOW_EMPTY_TTL:.0f} s")
+                        f"{guard.ALLOW_EMPTY_TTL:.0f} s")
             elif not use:
                 return False  # given before the emptying: it waits for it
-        except (allow_empty.BadConfirmation, OSError) as e:
+        except (guard.BadConfirmation, OSError) as e:
             void = f"unreadable: {e}"
         if not self._discard_confirmation():
             return False
@@ -500,7 +541,7 @@ class DirectorySource:
 
     def _discard_confirmation(self) -> bool:
         try:
-            allow_empty.discard(self.state_dir)
+            guard.discard(self.state_dir)
         except OSError as e:
             self._log_error("state", "allow-empty", "cannot remove the allow-empty "
                             f"confirmation in {self.state_dir}: {e.strerror or e}; not using it")

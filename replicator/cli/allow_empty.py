@@ -2,7 +2,7 @@
 
 The operator's confirmation that a dataset's root was emptied on purpose: the agent's
 safety guard then ships the deletions once instead of holding the dataset in `error`
-(see agent/allow_empty.py). It only leaves a file in the agent's state directory, so it
+(see agent/guard.py). It only leaves a file in the agent's state directory, so it
 works whether the agent runs or not; a running agent takes it at its next guard check.
 """
 
@@ -14,7 +14,7 @@ import stat
 import time
 from pathlib import Path
 
-from replicator.agent import allow_empty
+from replicator.agent import guard
 from replicator.config import NAME_RE, load_agent
 from replicator.errors import ReplicatorError, UsageError
 
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "allow-empty", help="let the agent ship the emptying of a dataset's root, once",
         description="Confirm that a dataset's root was emptied on purpose: the agent ships "
         "the deletions once (within %.0f minutes) instead of guarding the mirror."
-        % (allow_empty.ALLOW_EMPTY_TTL / 60))
+        % (guard.ALLOW_EMPTY_TTL / 60))
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path, metavar="FILE", help="the agent's configuration")
     where.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -50,17 +50,17 @@ def run(args: argparse.Namespace) -> int:
         state_dir = config.state_dir
     else:
         state_dir = args.state_dir
-    directory = allow_empty.dataset_dir(state_dir, name)
+    directory = guard.dataset_dir(state_dir, name)
     if not directory.is_dir():
         # never created here: the agent (perhaps another user) makes it with its index
         raise UsageError(f"no dataset {name!r} in {state_dir}: the agent has never run it, "
                          "so it has no mirror to guard")
     try:
-        c = allow_empty.grant(directory, name)
+        c = guard.grant(directory, name)
     except OSError as e:
         raise ReplicatorError(f"cannot write the confirmation in {directory}: "
                               f"{e.strerror or e}") from None
-    until = time.strftime("%H:%M:%S", time.localtime(c.granted_at + allow_empty.ALLOW_EMPTY_TTL))
+    until = time.strftime("%H:%M:%S", time.localtime(c.granted_at + guard.ALLOW_EMPTY_TTL))
     print(f"dataset {name}: the agent will ship the emptying of its root once, if it comes "
           f"before {until}")
     return 0

@@ -13,9 +13,15 @@ from typing import Any
 
 import pytest
 
-from replicator.agent import allow_empty
+from replicator.agent import guard
 from tests.integration.conftest import Pair, make_pair
-from tests.integration.harness import get_json, snapshot, wait_converged, wait_for
+from tests.integration.harness import (
+    caught_up,
+    get_json,
+    snapshot,
+    wait_converged,
+    wait_for,
+)
 
 CONFIRMATION = Path("astate/datasets/docs/allow-empty")
 
@@ -43,12 +49,19 @@ def applied_lsn(pair: Pair) -> int:
     return int(get_json(pair.receiver_status)["datasets"][0]["applied_lsn"])
 
 
+def settled(pair: Pair) -> tuple[dict[str, Any], int]:
+    """The mirror's snapshot and applied LSN once the agent has seen everything applied
+    (files show in the mirror a moment before their LSN counts as applied)."""
+    wait_for(lambda: caught_up(pair.agent_status), 30, message="the agent to catch up")
+    return snapshot(pair.dst), applied_lsn(pair)
+
+
 def test_operator_lets_one_emptying_through(pair: Pair) -> None:
     fill(pair.src / "data")
     pair.receiver.start()
     pair.agent.start()
     wait_converged(pair.src, pair.dst)
-    before, lsn = snapshot(pair.dst), applied_lsn(pair)
+    before, lsn = settled(pair)
     # emptied in one go: the root's only entry leaves in one rename
     (pair.src / "data").rename(pair.tmp / "trash1")
     row = guarded(pair, "became empty in one go")
@@ -70,14 +83,14 @@ def test_operator_lets_one_emptying_through(pair: Pair) -> None:
     # refilled, then emptied again: guarded again, the confirmation was for one emptying
     fill(pair.src / "again")
     wait_converged(pair.src, pair.dst)
-    before, lsn = snapshot(pair.dst), applied_lsn(pair)
+    before, lsn = settled(pair)
     (pair.src / "again").rename(pair.tmp / "trash2")
     guarded(pair, "became empty in one go")
     assert snapshot(pair.dst) == before and applied_lsn(pair) == lsn
 
     # a confirmation given too long ago is void: removed with a log line, the guard holds
-    allow_empty.grant((pair.tmp / CONFIRMATION).parent, "docs",
-                      now=time.time() - allow_empty.ALLOW_EMPTY_TTL - 60)
+    guard.grant((pair.tmp / CONFIRMATION).parent, "docs",
+                      now=time.time() - guard.ALLOW_EMPTY_TTL - 60)
     wait_for(lambda: "allow-empty confirmation void" in pair.agent.log(), 30,
              message="the expired confirmation to be noticed")
     assert "expired" in pair.agent.log() and not (pair.tmp / CONFIRMATION).exists()
@@ -128,4 +141,14 @@ def test_an_unmount_is_never_let_through(mounted_pair: Pair) -> None:
     assert "unmount" in row["error"]
     assert "allow-empty refused" in p.agent.log()
     assert not (p.tmp / CONFIRMATION).exists(), "a refused confirmation is removed"
+    assert snapshot(p.dst) == before
+    # restarted on the empty mount point (a reboot whose mount failed): the device it
+    # starts with is the mount point's, but the recorded mount point gives it away
+    assert p.agent.stop() == 0
+    p.restart_agent()
+    guarded(p, "(unmounted?)")
+    r = replicator("allow-empty", "--config", str(p.tmp / "agent.toml"), "--dataset", "docs")
+    assert r.returncode == 0, r.stderr
+    row = guarded(p, "allow-empty refused")
+    assert "is on the file system mounted at" in row["error"], row["error"]
     assert snapshot(p.dst) == before

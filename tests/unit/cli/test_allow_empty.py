@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.agent import allow_empty
+from replicator.agent import guard
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +40,7 @@ def test_writes_a_fresh_confirmation(agent: Path, how: str) -> None:
     r = run(f"--{how}", where, "--dataset", "docs")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 1 and not r.stderr
-    c = allow_empty.read(agent.parent / "state" / "datasets" / "docs")
+    c = guard.read(agent.parent / "state" / "datasets" / "docs")
     assert c is not None and c.dataset == "docs" and before <= c.granted_at <= time.time()
 
 
@@ -61,7 +61,7 @@ def test_refusals_exit_2_with_one_line(agent: Path, args: list[str], message: st
     r = run(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
-    assert not list((agent.parent / "state").rglob(allow_empty.FILE_NAME))
+    assert not list((agent.parent / "state").rglob(guard.CONFIRMATION_FILE))
 
 
 def test_a_dataset_the_agent_never_ran_is_refused(agent: Path) -> None:
