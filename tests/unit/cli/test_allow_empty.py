@@ -11,11 +11,23 @@ from pathlib import Path
 import pytest
 
 from replicator.agent import guard
+from replicator.cli import main
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own, as an operator runs it."""
     return subprocess.run([sys.executable, "-m", "replicator", "allow-empty", *args],
                           capture_output=True, text=True, timeout=60)
+
+
+def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command in this process (faster): exit code, stdout, stderr."""
+    try:
+        code = main(["allow-empty", *args])
+    except SystemExit as e:  # argparse's usage errors
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -54,18 +66,20 @@ def test_writes_a_fresh_confirmation(agent: Path, how: str) -> None:
     (["--dataset"], "expected one argument"),
     ([], "required"),
 ])
-def test_refusals_exit_2_with_one_line(agent: Path, args: list[str], message: str) -> None:
+def test_refusals_exit_2_with_one_line(agent: Path, args: list[str], message: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     if "--state-dir" not in args and "--config" not in args and args:
         args = ["--config", str(agent), *args]
     args = [str(agent.parent / "state") if a == "STATE" else a for a in args]
-    r = run(*args)
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    code, out, err = run_here(capsys, *args)
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not list((agent.parent / "state").rglob(guard.CONFIRMATION_FILE))
 
 
-def test_a_dataset_the_agent_never_ran_is_refused(agent: Path) -> None:
+def test_a_dataset_the_agent_never_ran_is_refused(agent: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     (agent.parent / "state" / "datasets" / "docs").rmdir()
-    r = run("--config", str(agent), "--dataset", "docs")
-    assert r.returncode == 2 and "never run it" in r.stderr, r.stderr
+    code, _, err = run_here(capsys, "--config", str(agent), "--dataset", "docs")
+    assert code == 2 and "never run it" in err, err
     assert not (agent.parent / "state" / "datasets" / "docs").exists(), "nothing created"
