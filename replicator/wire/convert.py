@@ -28,6 +28,7 @@ MAX_BLOCK_SIZE = 1 << 20
 MAX_DIGEST = 16
 MAX_PATH_BYTES = 4096
 MAX_XATTRS = 1024
+MAX_XATTR_NAME = 255         # XATTR_NAME_MAX on Linux
 MAX_XATTR_VALUE = 64 * 1024
 MAX_FILE_SIZE = 1 << 50
 
@@ -41,19 +42,36 @@ def attrs_to_pb(a: Attrs, out: pb.Attrs) -> None:
         out.gid = a.gid
     if a.xattrs is not None:
         out.has_xattrs = True
-        for k, v in a.xattrs.items():
-            out.xattrs[k] = v
+        # UTF-8 names in the map, as before xattr_list existed, so that an older receiver
+        # (which ignores xattr_list) keeps them; only the others need xattr_list
+        for name, value in a.xattrs.items():
+            try:
+                out.xattrs[name.decode()] = value
+            except UnicodeDecodeError:
+                x = out.xattr_list.add()
+                x.name = name
+                x.value = value
 
 
 def attrs_from_pb(m: pb.Attrs) -> Attrs:
-    xattrs = None
+    xattrs: dict[bytes, bytes] | None = None
     if m.has_xattrs:
-        if len(m.xattrs) > MAX_XATTRS:
-            raise ProtocolError(f"{len(m.xattrs)} extended attributes is too many")
-        for k, v in m.xattrs.items():
-            if not k or "\0" in k or len(v) > MAX_XATTR_VALUE:
-                raise ProtocolError(f"extended attribute {k[:64]!r} is invalid")
-        xattrs = dict(m.xattrs)
+        # counted before anything is looked at
+        count = len(m.xattrs) + len(m.xattr_list)
+        if count > MAX_XATTRS:
+            raise ProtocolError(f"{count} extended attributes is too many")
+        xattrs = {}
+        # the union of both: map names are UTF-8, list names any bytes
+        pairs = [(k.encode(), v) for k, v in m.xattrs.items()]
+        pairs += [(x.name, x.value) for x in m.xattr_list]
+        for name, value in pairs:
+            if (not name or b"\0" in name or len(name) > MAX_XATTR_NAME
+                    or len(value) > MAX_XATTR_VALUE):
+                raise ProtocolError(f"extended attribute {name[:64]!r} is invalid "
+                                    f"(name of {len(name)} bytes, value of {len(value)})")
+            if name in xattrs:
+                raise ProtocolError(f"extended attribute {name[:64]!r} is sent twice")
+            xattrs[name] = value
     return Attrs(
         mode=m.mode, mtime_ns=m.mtime_ns,
         uid=m.uid if m.has_owner else None, gid=m.gid if m.has_owner else None,
