@@ -2,9 +2,13 @@
 
 `FileReader` hashes every block of a file and yields, in chunks of about `chunk_size`
 raw bytes, the encoded blocks whose hash differs from the hashes the receiver already
-has. Memory stays bounded whatever the file's size: one reused read buffer of
-`chunk_size` bytes, the encoded blocks of one chunk, and the file's hashes
-(`HASH_SIZE` bytes per block).
+has. Memory stays bounded whatever the file's size: the chunk being read (each chunk is
+read into a new `bytes`, so that blocks sent as they are can be views of it instead of
+copies, and live until the link has put them into a message), the encoded blocks of one
+chunk, and the file's hashes (`HASH_SIZE` bytes per block).
+
+`compress=False` ships data blocks as they are, never lz4: over loopback moving bytes
+costs less than compressing them (see the agent's `compression` setting).
 
 Holes are found with SEEK_DATA/SEEK_HOLE and never read: a block entirely inside a hole
 hashes as `zero_hash`. A new file (no old hashes) does not ship its zero blocks at all,
@@ -111,13 +115,14 @@ class _DataMap:
     """Where a file's data lies, asked about ascending, non-overlapping byte ranges.
 
     Holds one data extent [data, hole) and asks the kernel again only once a query
-    starts past it: two lseeks per extent, so a dense file costs two in all.
+    starts past it: two lseeks per extent, so a dense file costs two in all, and one whose
+    allocated blocks cover its size (`dense`: it cannot have holes) none.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, dense: bool = False) -> None:
         self._fd = fd
         self._data = 0
-        self._hole = 0
+        self._hole = _NO_OFFSET if dense else 0
 
     def has_data(self, start: int, end: int) -> bool:
         if start >= self._hole:
@@ -157,6 +162,7 @@ class FileReader:
         old_hashes: bytes | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         start_block: int = 0,
+        compress: bool = True,
     ) -> None:
         """`start_block`: blocks below it are read and hashed (the digest covers them) but
         never yielded, as when the receiver already holds them from a broken-off send."""
@@ -169,6 +175,7 @@ class FileReader:
         self._block_size = block_size
         self._old = old_hashes
         self._start_block = start_block
+        self._compress = compress
         # a whole number of blocks, at least one
         self._blocks_per_chunk = max(1, chunk_size // block_size)
         self.raw_bytes = 0
@@ -189,7 +196,8 @@ class FileReader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _not_regular(self._path, st.st_mode)
-            if hasattr(os, "posix_fadvise"):
+            if st.st_size > chunk_size and hasattr(os, "posix_fadvise"):
+                # read-ahead pays for files read in several chunks, not for a small one
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(fd)
@@ -255,15 +263,15 @@ class FileReader:
         s = index * HASH_SIZE
         return old[s:s + HASH_SIZE] != h     # a short slice (no old block) never matches
 
-    def _read_into(self, view: memoryview, offset: int) -> int:
-        """Fills `view` from `offset`; returns the bytes read (fewer only at end of file)."""
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n == 0:
+    def _read(self, length: int, offset: int) -> bytes:
+        """`length` bytes from `offset`; fewer only at end of file."""
+        data = os.pread(self._fd, length, offset)
+        while 0 < len(data) < length:  # rare: a signal, or the file shrinking meanwhile
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
                 break
-            got += n
-        return got
+            data += more
+        return data
 
     def _scan(self, emit: bool) -> Iterator[list[Block]]:
         if self._started:
@@ -274,8 +282,10 @@ class FileReader:
         bs, size = self._block_size, self._st.st_size
         nblocks = block_count(size, bs)
         per_chunk = self._blocks_per_chunk
-        buf = memoryview(bytearray(min(per_chunk, nblocks) * bs))
-        datamap = _DataMap(self._fd)
+        # allocated blocks covering the size: no holes to look for (preallocated space
+        # past the end can hide a hole here; it is then read as zeros, which hash and
+        # ship exactly as a hole does)
+        datamap = _DataMap(self._fd, dense=self._st.st_blocks * 512 >= size)
         hashes = self._hashes
         for first in range(0, nblocks, per_chunk):
             last = min(first + per_chunk, nblocks)
@@ -299,8 +309,8 @@ class FileReader:
                 while j < last and datamap.has_data(j * bs, min((j + 1) * bs, size)):
                     j += 1
                 run_len = min(j * bs, size) - start
-                view = buf[(i - first) * bs:(i - first) * bs + run_len]
-                got = self._read_into(view, start)
+                run = memoryview(self._read(run_len, start))
+                got = len(run)
                 self._covered += got
                 if got < run_len:
                     # truncated under us: what is in the buffer is stale, so stop here
@@ -311,9 +321,9 @@ class FileReader:
                         yield out
                     return
                 for k in range(i, j):
-                    off = (k - first) * bs
+                    off = (k - i) * bs
                     blen = min(bs, size - k * bs)
-                    data = buf[off:off + blen]
+                    data = run[off:off + blen]
                     h = block_hash(data)
                     hashes += h
                     if not emit or k < self._start_block or not self._changed(k, h):
@@ -322,7 +332,7 @@ class FileReader:
                         if self._old is not None:
                             out.append(Block(k, Codec.ZERO, blen, b""))
                         continue
-                    codec, payload = encode_block(data)
+                    codec, payload = encode_block(data, self._compress)
                     out.append(Block(k, codec, blen, payload))
                 i = j
             if out:

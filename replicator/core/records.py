@@ -2,8 +2,9 @@
 
 Each dataset has its own gap-free sequence of records numbered by the agent (LSNs start
 at 1). On the wire and in the receiver's journal a record is a sequence of frames of one
-LSN: one `Header`, zero or more `Block`s (OP_FILE only), one `End`. The receiver shows all
-of a record in the mirror or none of it.
+LSN: one `Header`, zero or more `Block`s (OP_FILE only), one `End`; or, for a small
+record, one `Whole` frame holding all of them. The receiver shows all of a record in the
+mirror or none of it.
 
 These are the core types; `replicator.wire` converts them to and from protobuf.
 """
@@ -42,8 +43,9 @@ class Attrs:
     mtime_ns: int
     uid: int | None = None      # None: ownership is not replicated (agent not root)
     gid: int | None = None
-    # None: leave extended attributes alone; a dict (possibly empty): exactly these
-    xattrs: dict[str, bytes] | None = None
+    # None: leave extended attributes alone; a dict (possibly empty): exactly these. Names
+    # are the file system's bytes: Linux xattr names need not be UTF-8
+    xattrs: dict[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ class Block:
     index: int
     codec: Codec
     raw_len: int
-    data: bytes
+    data: bytes | memoryview  # agent side: may be a view of the chunk read (immutable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,16 @@ class End:
     aborted: bool = False        # the record is void: the source changed while it was read
 
 
-Body = Header | Block | End
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A whole record in one frame: its header, blocks and end, for small records."""
+
+    header: Header
+    blocks: tuple[Block, ...]
+    end: End
+
+
+Body = Header | Block | End | Whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +117,7 @@ class Record:
         out.extend(Frame(self.lsn, b) for b in self.blocks)
         out.append(Frame(self.lsn, self.end))
         return out
+
+    def whole(self) -> Frame:
+        """The record as one frame (for a receiver with the capability "records")."""
+        return Frame(self.lsn, Whole(self.header, tuple(self.blocks), self.end))

@@ -70,7 +70,7 @@ from replicator.core.blocks import (
     zero_hash,
 )
 from replicator.core.paths import encode_name, quote_path
-from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op
+from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op, Whole
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
 from replicator.receiver.journal import (
     Entry,
@@ -118,7 +118,7 @@ class _RecordReader:
 
     The journal is the receiver's own, but it holds what the wire sent: every frame is
     decoded and checked again, and the entry sequence must be HEADER, BLOCK*, END per LSN
-    with no gaps.
+    (or one RECORD holding them) with no gaps.
     """
 
     def __init__(self, entries: Iterator[Entry], first_lsn: int) -> None:
@@ -126,6 +126,7 @@ class _RecordReader:
         self._next_lsn = first_lsn
         self.lsn = 0
         self._end: End | None = None
+        self._whole: tuple[Block, ...] | None = None  # the blocks of a RECORD entry
         self._pushed: Entry | None = None
         # the current record's staged file (base name) and block hashes, if it has one
         self.staged_name = b""
@@ -140,6 +141,8 @@ class _RecordReader:
     def staged(self) -> tuple[bytes, bytes] | None:
         """(name, hashes) of the current record's staged file, or None if its blocks are
         journaled; call right after `header()`."""
+        if self._whole is not None:
+            return None  # a RECORD entry is the whole record: nothing follows it
         while True:
             entry = self._next()
             if entry is None:
@@ -176,29 +179,37 @@ class _RecordReader:
         if self.staged_name:
             self.staged_name = b""
             self._staged_hashes = bytearray()
-        if lsn != self._next_lsn or kind is not EntryKind.HEADER:
+        if lsn != self._next_lsn or (kind is not EntryKind.RECORD
+                                     and kind is not EntryKind.HEADER):
             raise ProtocolError(f"journal: expected the header of LSN {self._next_lsn}, "
                                 f"found entry kind {int(kind)} of LSN {lsn}")
         frame = decode_frame(payload)
         body = frame.body
-        if frame.lsn != lsn or not isinstance(body, Header):
-            raise ProtocolError(f"journal: entry of LSN {lsn} does not hold its header")
         self.lsn = lsn
         self._next_lsn = lsn + 1
         self._end = None
+        self._whole = None
+        if frame.lsn == lsn and kind is EntryKind.RECORD and isinstance(body, Whole):
+            self._whole, self._end = body.blocks, body.end
+            return body.header
+        if frame.lsn != lsn or kind is not EntryKind.HEADER or not isinstance(body, Header):
+            raise ProtocolError(f"journal: entry of LSN {lsn} does not hold its header")
         return body
 
     def blocks(self) -> Iterator[Block]:
         """The current record's blocks, up to its End (which `end()` then returns)."""
+        if self._whole is not None:
+            yield from self._whole
+            return
         record = self.lsn
         while (entry := self._next()) is not None:
             lsn, kind, payload = entry
-            if lsn != record or kind is EntryKind.HEADER:
-                raise ProtocolError(f"journal: LSN {record} is followed by entry kind "
-                                    f"{int(kind)} of LSN {lsn} before its end")
-            if kind is EntryKind.STAGED:
+            if lsn == record and kind is EntryKind.STAGED:
                 self._add_staged(payload)
                 continue
+            if lsn != record or (kind is not EntryKind.BLOCK and kind is not EntryKind.END):
+                raise ProtocolError(f"journal: LSN {record} is followed by entry kind "
+                                    f"{int(kind)} of LSN {lsn} before its end")
             frame = decode_frame(payload)
             body = frame.body
             if frame.lsn != lsn:
@@ -227,7 +238,7 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     n = os.pwrite(fd, data, offset)
     if n == len(data):
         return  # almost always: a file write is short only on a signal or a full disk

@@ -85,21 +85,33 @@ class Batch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("dataset", "lsn", "header", "block", "end")
+    __slots__ = ("dataset", "lsn", "header", "block", "end", "record")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     LSN_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     dataset: int
     lsn: int
     header: RecordHeader
     block: Block
     end: RecordEnd
-    def __init__(self, dataset: _Optional[int] = ..., lsn: _Optional[int] = ..., header: _Optional[_Union[RecordHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ...) -> None: ...
+    record: Record
+    def __init__(self, dataset: _Optional[int] = ..., lsn: _Optional[int] = ..., header: _Optional[_Union[RecordHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ..., record: _Optional[_Union[Record, _Mapping]] = ...) -> None: ...
+
+class Record(_message.Message):
+    __slots__ = ("header", "blocks", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: RecordHeader
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    end: RecordEnd
+    def __init__(self, header: _Optional[_Union[RecordHeader, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ...) -> None: ...
 
 class Attrs(_message.Message):
-    __slots__ = ("mode", "mtime_ns", "has_owner", "uid", "gid", "has_xattrs", "xattrs")
+    __slots__ = ("mode", "mtime_ns", "has_owner", "uid", "gid", "has_xattrs", "xattrs", "xattr_list")
     class XattrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +126,7 @@ class Attrs(_message.Message):
     GID_FIELD_NUMBER: _ClassVar[int]
     HAS_XATTRS_FIELD_NUMBER: _ClassVar[int]
     XATTRS_FIELD_NUMBER: _ClassVar[int]
+    XATTR_LIST_FIELD_NUMBER: _ClassVar[int]
     mode: int
     mtime_ns: int
     has_owner: bool
@@ -121,7 +134,16 @@ class Attrs(_message.Message):
     gid: int
     has_xattrs: bool
     xattrs: _containers.ScalarMap[str, bytes]
-    def __init__(self, mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., has_owner: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., has_xattrs: _Optional[bool] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    xattr_list: _containers.RepeatedCompositeFieldContainer[Xattr]
+    def __init__(self, mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., has_owner: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., has_xattrs: _Optional[bool] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ..., xattr_list: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ...) -> None: ...
+
+class Xattr(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    value: bytes
+    def __init__(self, name: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class RecordHeader(_message.Message):
     __slots__ = ("op", "path", "new_path", "target", "attrs", "size", "base", "base_digest", "block_size", "first_seen", "raw_bytes", "resume_from")
