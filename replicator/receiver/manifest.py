@@ -17,8 +17,9 @@ collect in memory and go to SQLite in two `executemany` calls (deletes first) be
 anything reads or commits. Running every delete before every insert gives what running
 them in order gives unless a row lies below a path whose delete came after it (a file
 that replaced a directory holding entries of the same batch); that case flushes first.
-A write that fails leaves the transaction in an unknown state, so from then on `commit`
-refuses: the caller closes the manifest and opens it again, as after a crash.
+A write that fails leaves the transaction in an unknown state (SQLite may have rolled it
+back), so from then on every read, write and commit raises that error again: the caller
+closes the manifest and opens it again, as after a crash.
 
 Paths and symlink targets are stored as BLOBs of the bytes the mirror holds
 (`core.paths.encode_name`, the receiver's one str <-> bytes mapping), because Linux names need
@@ -220,6 +221,9 @@ class Manifest:
     # ---- pending changes ----
 
     def _begin(self) -> None:
+        if self._failed is not None:
+            # SQLite may have rolled the transaction back: a write now would autocommit
+            raise self._failed
         if not self._in_tx:
             self._db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
@@ -235,6 +239,8 @@ class Manifest:
 
     def _flush(self) -> None:
         """Executes the pending puts (see the module doc)."""
+        if self._failed is not None:
+            raise self._failed
         if not self._rows and not self._below:
             return
         rows, below = self._rows, self._below
@@ -353,11 +359,9 @@ class Manifest:
         """
         if applied_lsn < 0 or (epoch is not None and epoch < 0):
             raise ValueError(f"applied_lsn {applied_lsn} / epoch {epoch}")
-        self._begin()
         try:
+            self._begin()
             self._flush()
-            if self._failed is not None:
-                raise self._failed
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)",
                              (applied_lsn,))
             if epoch is not None:

@@ -200,11 +200,14 @@ def test_a_failed_write_makes_commit_refuse(tmp_path: Path) -> None:
         for i in range(10_000):
             m.put_file(f"big/{i:05d}", 3, 0o100644, 1, b"d" * 16, b"h" * 4096)
         m.get("x")
-    # what the transaction holds is unknown: no commit may record a position over it
-    with pytest.raises(sqlite3.OperationalError):
-        m.commit(2)
-    with pytest.raises(sqlite3.OperationalError):
-        m.commit(2)
+    # what the transaction holds is unknown (SQLite may have rolled it back, and a write
+    # would then autocommit): nothing may be written, read or committed over it
+    m._db.execute("PRAGMA max_page_count = 1000000")  # room again: refused all the same
+    for attempt in (lambda: m.commit(2), lambda: m.put(file_entry("late")),
+                    lambda: m.put_file("late", 1, 0o100644, 1, b"d" * 16, b""),
+                    lambda: m.delete_tree("kept"), lambda: m.get("kept"), lambda: m.commit(2)):
+        with pytest.raises(sqlite3.OperationalError):
+            attempt()
     m.close()
     m = Manifest(tmp_path / "m.db")
     assert (m.applied_lsn, paths(m)) == (1, ["kept"])
