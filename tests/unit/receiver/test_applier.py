@@ -517,10 +517,10 @@ def test_hostile_path_stops_the_dataset_and_writes_nothing_outside(
 def test_os_error_stops_the_dataset(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     real = env.mirror.install
 
-    def install(staged: str, path: str) -> None:
+    def install(staged: str, path: str) -> bool:
         if path == "bad":
             raise OSError(errno.EIO, "I/O error", path)
-        real(staged, path)
+        return real(staged, path)
     monkeypatch.setattr(env.mirror, "install", install)
     env.add(new_file(1, "good", b"g"), new_file(2, "bad", b"b"), new_file(3, "after", b"a"))
     with pytest.raises(ApplyError, match="LSN 2"):
@@ -698,14 +698,15 @@ def crash_at_install(e: Env, nth: int) -> Callable[[], None]:
         calls = 0
         real = e.mirror.install
 
-        def install(staged: str, path: str) -> None:
+        def install(staged: str, path: str) -> bool:
             nonlocal calls
             calls += 1
             if calls == nth:
                 kill_self()
-            real(staged, path)
+            replaced_dir = real(staged, path)
             if calls == -nth:
                 kill_self()
+            return replaced_dir
         e.mirror.install = install  # type: ignore[method-assign]
         e.applier.apply_upto(N, max_records=N, max_seconds=60)
     return work
