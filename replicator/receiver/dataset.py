@@ -8,11 +8,16 @@ A record that fails on the receiver's own storage (a full disk, an I/O error)
 stops applying as any failed record does, but is tried again, with a capped exponential
 backoff, by a fresh applier and manifest over the same files, exactly as a restart would
 replay it: applying is idempotent, and the journal still holds every record not applied.
+
+The applier runs in a thread of the dataset's own, which cancelling the apply task does not
+stop: `stop()` waits for a group under way to end before it closes the journal, mirror
+and manifest that the group uses (the mirror's cached directory fds among them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import sqlite3
@@ -61,6 +66,8 @@ class ReceiverDataset:
         self.partial: Partial | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._busy: concurrent.futures.Future[object] | None = None  # in the apply thread
 
     def _new_applier(self) -> Applier:
         return Applier(self.journal, self.mirror, self.manifest, self.state_dir / "keep",
@@ -103,6 +110,12 @@ class ReceiverDataset:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        busy = self._busy
+        if busy is not None and not busy.done():
+            await asyncio.to_thread(concurrent.futures.wait, [busy])
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         if self.partial is not None:
             self.partial.close()  # its file goes with recovery's clean-up of incoming files
             self.partial = None
@@ -130,6 +143,14 @@ class ReceiverDataset:
         """Called after a group commit: there may be records to apply."""
         self._wake.set()
 
+    async def _in_apply_thread(self, fn: Callable[..., object], *args: object) -> object:
+        """fn(*args) in the dataset's apply thread; see the module doc for why not to_thread."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"apply {self.label}")
+        self._busy = self._pool.submit(fn, *args)
+        return await asyncio.wrap_future(self._busy)
+
     async def _apply_loop(self) -> None:
         backoff = STORAGE_RETRY_INITIAL
         retrying = False
@@ -138,7 +159,7 @@ class ReceiverDataset:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, STORAGE_RETRY_MAX)
                 try:
-                    await asyncio.to_thread(self._restart_applier)
+                    await self._in_apply_thread(self._restart_applier)
                 except Exception as e:  # the manifest cannot even be opened: later, again
                     log.warning("apply retry failed dataset=%s error=%s", self.label, e)
                     continue
@@ -151,7 +172,7 @@ class ReceiverDataset:
             while self.error is None and self.applier.applied_lsn < self.journal.flushed_lsn:
                 target = self.journal.flushed_lsn
                 try:
-                    await asyncio.to_thread(self.applier.apply_upto, target)
+                    await self._in_apply_thread(self.applier.apply_upto, target)
                 except ApplyError as e:
                     if not retrying:  # once per outage, not once per retry
                         log.error("apply stopped dataset=%s error=%s", self.label, e.message)

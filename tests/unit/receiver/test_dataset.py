@@ -53,3 +53,35 @@ def test_a_storage_error_in_apply_is_retried_until_it_passes(
     asyncio.run(run())
     assert (tmp_path / "mirror" / "f").read_bytes() == b"hello"
     assert (tmp_path / "mirror" / "g").read_bytes() == data(5000)
+
+
+def test_stop_waits_for_a_group_under_way_before_closing_what_it_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    env = Env(tmp_path)
+    mirror = env.ds.mirror
+    real = mirror.install
+    inside, go_on = threading.Event(), threading.Event()
+
+    def install(staged: str, path: str) -> bool:
+        inside.set()
+        go_on.wait(10)  # the group is under way in the apply thread
+        return real(staged, path)  # with the mirror's cached fds: still open
+
+    monkeypatch.setattr(mirror, "install", install)
+    env.send_records(new_file(1, "d/f", b"hello"))
+
+    async def run() -> None:
+        env.ds.start()
+        env.ds.flushed()
+        await _until(inside.is_set, "the install to start")
+        stopping = asyncio.create_task(env.ds.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # it waits for the group, the mirror stays open
+        go_on.set()
+        await stopping
+
+    asyncio.run(run())
+    assert (tmp_path / "mirror" / "d" / "f").read_bytes() == b"hello"
+    assert env.ds.applier.error is None
