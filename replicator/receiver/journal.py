@@ -14,7 +14,10 @@ version) followed by entries: a fixed header (magic, kind, lsn, payload length, 
 those fields and the payload) and the payload. A new segment starts at a record boundary
 once the current one has grown past its size limit, so a record never spans segments;
 before a new segment is created the old one is synced, so a crash can tear only the last
-segment.
+segment. `open()` therefore treats the first bad entry (short, bad magic, absurd length,
+bad checksum, out of order) and an unterminated trailing record as the torn tail and
+truncates them away. A bad entry in an earlier segment is corruption, not a torn tail: it
+is cut the same way (the agent resends from the flushed LSN it is told), but logged loudly.
 
 Space: applied records are reclaimed a whole segment at a time, so a segment's worth of
 applied data can linger. The limit therefore fits the disk: `segment_size` (64 MiB) at
@@ -23,10 +26,7 @@ taken when the segment is created and narrowed as the segment grows if the disk 
 meanwhile. `release()` deletes every segment whose records are all applied, and also the
 current one once it is wholly applied and at least MIN_SEGMENT_SIZE big (the next record
 starts a new one): a journal that has caught up holds less than MIN_SEGMENT_SIZE of
-applied data, however big its segments may grow while records wait. `open()` therefore treats the first bad entry (short, bad magic, absurd length,
-bad checksum, out of order) and an unterminated trailing record as the torn tail and
-truncates them away. A bad entry in an earlier segment is corruption, not a torn tail: it
-is cut the same way (the agent resends from the flushed LSN it is told), but logged loudly.
+applied data, however big its segments may grow while records wait.
 
 Writes: small entries collect in one preallocated buffer that goes to the OS in one pwrite
 per ~1 MiB or at sync; large payloads go straight out with pwritev(header, payload), never
@@ -145,7 +145,7 @@ def _parse_segment_name(name: str) -> int | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -168,7 +168,7 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -289,7 +289,7 @@ class Journal:
                 raise ValueError(f"journal {self.directory} is already open")
             if not self.directory.is_dir():
                 self.directory.mkdir(parents=True)
-                _fsync_dir(self.directory.parent)  # so that the journal's name is durable
+                fsync_dir(self.directory.parent)  # so that the journal's name is durable
             self._index.clear()
             self._segments = []
             self._open_lsn = None
@@ -309,7 +309,7 @@ class Journal:
                 self._fresh = False
             self._index_lo = applied_lsn + 1
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
             self._unsynced = False
             self._failed = None
@@ -457,7 +457,7 @@ class Journal:
                     raise
                 self._fd, self._seg, self._disk = fd, seg, good
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
             self.written_lsn = self.flushed_lsn = last
             log.warning("journal repaired dir=%s flushed_lsn=%d error=%s", self.directory,
@@ -582,7 +582,7 @@ class Journal:
             for name in os.listdir(self.directory):
                 if _parse_segment_name(name) is not None:
                     os.unlink(self.directory / name)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._dir_dirty = False
             self._unsynced = False
             self._segments = []
@@ -610,7 +610,7 @@ class Journal:
                 os.fdatasync(self._fd)
             self._unsynced = False
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
         except OSError as e:
             self._failed = e
@@ -621,7 +621,7 @@ class Journal:
     def _flush(self) -> None:
         if self._fill:
             assert self._fd is not None
-            _pwrite_all(self._fd, memoryview(self._buf)[:self._fill], self._disk)
+            pwrite_all(self._fd, memoryview(self._buf)[:self._fill], self._disk)
             self._disk += self._fill
             self._fill = 0
             self._unsynced = True
@@ -639,7 +639,7 @@ class Journal:
             if done < total:  # a short write: finish it plainly
                 rest = (header + payload)[done:] if done < ENTRY_HEADER_SIZE else \
                     memoryview(payload)[done - ENTRY_HEADER_SIZE:]
-                _pwrite_all(self._fd, rest, self._disk + done)
+                pwrite_all(self._fd, rest, self._disk + done)
             self._disk += total
             self._unsynced = True
             return
