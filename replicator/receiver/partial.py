@@ -200,8 +200,12 @@ class PartialStore:
                 return self._restore(raw, next_lsn, label)
             except _Unusable as e:
                 log.info("partial record dropped dataset=%s reason=%s", label, e)
+            except OSError as e:  # the file is sent whole: no reason to keep the dataset shut
+                log.warning("partial record dropped dataset=%s error=%s", label,
+                            e.strerror or e)
+            with contextlib.suppress(OSError):
                 self._clear()
-                return None
+            return None
 
     # ---- internals (lock held) ----
 
