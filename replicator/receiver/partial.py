@@ -96,7 +96,7 @@ class Partial:
     def discard(self, mirror: Mirror, label: str, reason: str) -> None:
         """Forgets the saved state, closes and deletes the staged file. Call once."""
         self.close()
-        if self.store is not None:
+        if self.store is not None and self.store.staged == self.staged:
             self.store.clear()  # first: a saved state never names a file that is gone
         mirror.discard_staged(self.staged)
         log.info("partial record dropped dataset=%s lsn=%d path=%r reason=%s", label,
