@@ -147,6 +147,7 @@ class Session:
         self._closing = False
         self._malformed = False  # a bad frame ended the stream: keep no partial record
         self._released: asyncio.Future[None] | None = None  # release_open, once
+        self._unsaved: set[str] = set()  # staged files whose progress could not be saved
 
     async def run(self, requests: AsyncIterator[pb.AgentMessage],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
@@ -355,11 +356,21 @@ class Session:
             if open_ is None or not open_.resumable():
                 continue
             saved = store.saved_blocks(open_.staged)
-            if (open_.upto - saved) * open_.header.block_size >= SAVE_EVERY_BYTES:
+            if ((open_.upto - saved) * open_.header.block_size < SAVE_EVERY_BYTES
+                    or open_.staged in self._unsaved):
+                continue
+            try:
                 store.save(open_.lsn, open_.header, open_.fd, open_.staged, open_.hashes,
                            open_.upto)
-                log.debug("partial record saved dataset=%s lsn=%d blocks=%d", ds.label,
-                          open_.lsn, open_.upto)
+            except OSError as e:
+                # the record goes on (a failing disk fails its own writes soon enough); a
+                # restart merely resumes from an earlier save. Said once per record.
+                self._unsaved.add(open_.staged)
+                log.warning("partial record not saved dataset=%s lsn=%d error=%s", ds.label,
+                            open_.lsn, e.strerror or e)
+                continue
+            log.debug("partial record saved dataset=%s lsn=%d blocks=%d", ds.label,
+                      open_.lsn, open_.upto)
 
     async def quiesce(self) -> None:
         """Stops taking frames and waits for the batch in the worker thread to finish."""

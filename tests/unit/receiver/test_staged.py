@@ -375,6 +375,21 @@ def test_a_partial_broken_off_again_after_a_restart_saves_its_progress(env: Env)
     assert env.read("f") == content
 
 
+def test_a_save_that_fails_does_not_stop_the_record(
+        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    (env.root / "state" / STORE_DIR).write_text("in the way")  # no store can be made
+    content = data(BIG, seed=17)
+    r = new_file(1, "f", content)
+    env.send(Frame(1, r.header))
+    for i in range(0, len(r.blocks), 10):
+        env.send(*(Frame(1, b) for b in r.blocks[i:i + 10]))
+    env.send(Frame(1, r.end))
+    assert caplog.text.count("partial record not saved") == 1  # once, not every 8 blocks
+    env.apply()
+    assert env.read("f") == content
+
+
 def _rewrite_record(env: Env, lsn: int) -> None:
     path = env.root / "state" / STORE_DIR / RECORD_NAME
     _, header, name, blocks = partial_mod._decode(path.read_bytes())
