@@ -23,6 +23,9 @@ MAX_BLOCK_SIZE = 1024 * 1024
 DEFAULT_RECEIVER_HTTP = "127.0.0.1:9465"
 DEFAULT_MQTT_PREFIX = "replicator"
 DATASET_TYPES = ("directory", "sqlite")
+# "auto": lz4 unless the receiver is on this host, where moving bytes costs less CPU than
+# compressing them (and the receiver needs the same CPUs); "lz4": always; "none": never
+COMPRESSION_MODES = ("auto", "lz4", "none")
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G|KB|MB|GB)?\s*$")
 _UNITS = {
@@ -71,7 +74,19 @@ class AgentConfig:
     allow_insecure: bool = False
     mqtt: MqttConfig | None = None
     rescan_interval: float = 300.0
+    compression: str = "auto"
     path: Path | None = None
+
+    def compress(self) -> bool:
+        """Whether data blocks are lz4-compressed, `compression` resolved for `receiver`."""
+        return compress_for(self.compression, self.receiver)
+
+
+def compress_for(mode: str, receiver: str) -> bool:
+    """Resolves a `compression` mode for the receiver address `receiver` (host:port)."""
+    if mode == "auto":
+        return not is_loopback(parse_hostport(receiver)[0])
+    return mode == "lz4"
 
 
 @dataclass(frozen=True)
@@ -292,6 +307,10 @@ def load_agent(path: Path | str) -> AgentConfig:
     rescan = r.get("rescan_interval", (int, float), default=300.0)
     if rescan <= 0:
         raise r.fail("rescan_interval", f"{rescan!r} must be positive seconds")
+    compression = r.get("compression", str, default="auto")
+    if compression not in COMPRESSION_MODES:
+        raise r.fail("compression", f"{compression!r} must be one of "
+                     f"{', '.join(COMPRESSION_MODES)}")
     r.used.update({"tls", "mqtt", "datasets"})
     tls = _tls(file, data, receiver=False)
     if tls is None and not allow_insecure and not is_loopback(parse_hostport(receiver)[0]):
@@ -300,7 +319,8 @@ def load_agent(path: Path | str) -> AgentConfig:
     config = AgentConfig(
         source_id=source_id, receiver=receiver, state_dir=state_dir, datasets=_datasets(file, data),
         http=http, block_size=block_size, tls=tls, allow_insecure=allow_insecure,
-        mqtt=_mqtt(file, data), rescan_interval=float(rescan), path=path,
+        mqtt=_mqtt(file, data), rescan_interval=float(rescan), compression=compression,
+        path=path,
     )
     r.check_unknown()
     return config

@@ -20,7 +20,7 @@ from replicator.observe.metrics import ChangeLatency, DatasetCounters
 class Agent:
     def __init__(self, source_id: str, receiver: str, state_dir: Path,
                  datasets: tuple[DatasetConfig, ...], *, block_size: int,
-                 rescan_interval: float = 300.0,
+                 rescan_interval: float = 300.0, compress: bool = True,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.source_id = source_id
         self.link = Link(receiver, source_id, credentials=credentials)
@@ -30,13 +30,14 @@ class Agent:
                 raise ConfigError(f"dataset {ds.name}: type {ds.type!r} is not supported yet")
             self.sources.append(DirectorySource(
                 ds, state_dir / "datasets" / ds.name, self.link, block_size=block_size,
-                rescan_interval=rescan_interval))
+                rescan_interval=rescan_interval, compress=compress))
 
     @classmethod
     def from_config(cls, config: AgentConfig,
                     credentials: grpc.ChannelCredentials | None = None) -> Agent:
         return cls(config.source_id, config.receiver, config.state_dir, config.datasets,
                    block_size=config.block_size, rescan_interval=config.rescan_interval,
+                   compress=config.compress(),
                    credentials=credentials)
 
     async def run(self) -> None:

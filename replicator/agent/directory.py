@@ -21,7 +21,9 @@ sent as attributes only if its content is the same.
 The safety guard: before deleting anything, and before every full rescan, the root must
 still be the directory it was (same file system, readable, not suddenly empty). If not,
 the dataset stops shipping and reports an error until the root is healthy again: an
-unmounted disk must never wipe the mirror.
+unmounted disk must never wipe the mirror. Only an emptied root can be let through, once,
+by the operator's `replicator allow-empty` (see agent/guard.py); a root that is gone,
+on another file system or unreadable is an unmount, and no confirmation covers it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import sqlite3
 import stat as st_mod
 import time
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import xxhash
 
+from replicator.agent import guard
 from replicator.agent.excludes import Excludes
 from replicator.agent.index import (
     KIND_DIR,
@@ -109,16 +113,18 @@ class DirectorySource:
     """One `directory` dataset: watcher, view, reconciler; an `Endpoint` of the link."""
 
     def __init__(self, config: DatasetConfig, state_dir: Path, link: Link, *,
-                 block_size: int, rescan_interval: float = 300.0,
+                 block_size: int, rescan_interval: float = 300.0, compress: bool = True,
                  with_owner: bool | None = None) -> None:
         self.config = config
         self.name = config.name
         self.root = Path(config.path)
         self.block_size = block_size
         self.rescan_interval = rescan_interval
+        self.compress = compress  # lz4 data blocks that shrink (else ship them raw)
         self.excludes = Excludes(config.exclude)
         self.with_owner = os.geteuid() == 0 if with_owner is None else with_owner
         self.link = link
+        self.state_dir = state_dir
         try:
             self.index = Index(state_dir / "index.db")
         except (sqlite3.OperationalError, OSError) as e:
@@ -147,13 +153,21 @@ class DirectorySource:
         self.records_sent = 0
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
-        # by kind (read, xattr, receiver), never forgotten: replicator_errors_total
+        # by kind (read, receiver, state), never forgotten: replicator_errors_total
         self.error_kinds: Counter[str] = Counter()
         # change latency on the agent's clock: first seen -> the receiver's applied ack
         self.observe_latency: Callable[[float], None] | None = None
         self.watcher: Watcher | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._root_dev: int | None = None
+        # the operator let this emptying through (allow-empty): it holds until the root
+        # is non-empty again or its deletions are all shipped, across reconnects
+        self._empty_allowed = False
+        # a confirmation came while the root looked unmounted: it was refused, and the
+        # error says so until the root is healthy again
+        self._allow_refused = False
+        # the root's mount point was compared with the recorded one, with the root non-empty
+        self._mount_noted = False
         self._wake = asyncio.Event()
         self._error_logged: dict[str, float] = {}
         self._xattrs_supported = True
@@ -408,25 +422,144 @@ class DirectorySource:
     # ---- safety guard ----
 
     def _check_root(self) -> None:
+        """Raises SourceUnsafe unless the root is still the directory it was.
+
+        An emptied root passes if the operator confirmed it (see _use_confirmation). The
+        other failures look like an unmounted disk, and a confirmation never covers them.
+        """
         try:
             st = os.stat(self.root)
         except OSError as e:
-            raise SourceUnsafe(f"dataset root {self.root} is gone ({e.strerror})") from None
+            raise self._unmounted(f"dataset root {self.root} is gone ({e.strerror})") from None
         if not st_mod.S_ISDIR(st.st_mode):
-            raise SourceUnsafe(f"dataset root {self.root} is not a directory")
+            raise self._unmounted(f"dataset root {self.root} is not a directory")
         if self._root_dev is None:
             self._root_dev = st.st_dev
         elif st.st_dev != self._root_dev:
-            raise SourceUnsafe(f"dataset root {self.root} is on another file system now "
-                               "(unmounted?)")
+            raise self._unmounted(f"dataset root {self.root} is on another file system now "
+                                  "(unmounted?)")
         try:
             with os.scandir(self.root) as it:
                 empty = next(it, None) is None
         except OSError as e:
-            raise SourceUnsafe(f"dataset root {self.root} is unreadable ({e.strerror})") from None
+            raise self._unmounted(f"dataset root {self.root} is unreadable "
+                                  f"({e.strerror})") from None
         if empty and self.view.children(""):
-            raise SourceUnsafe(f"dataset root {self.root} became empty in one go; not "
-                               "wiping the mirror")
+            moved = self._mount_moved()
+            if moved is not None:
+                raise self._unmounted(moved)
+            self._allow_refused = False
+            if not self._empty_allowed and not self._use_confirmation(use=True):
+                raise SourceUnsafe(
+                    f"dataset root {self.root} became empty in one go; not wiping the mirror. "
+                    f"If it was emptied on purpose, run: {self._allow_empty_command()}")
+            self._empty_allowed = True
+            return
+        self._allow_refused = False
+        self._empty_allowed = False
+        if not empty:
+            self._note_mount()
+        self._use_confirmation(use=False)  # a void one is removed, and said so, now
+
+    def _mount_moved(self) -> str | None:
+        """Why the root looks unmounted though it is on the same device as at start: it is
+        no longer where the recorded mount point says (after a restart, `_root_dev` was
+        learned from the empty mount point itself). None if it is where it was."""
+        recorded = guard.recorded_mount_point(self.state_dir)
+        if recorded is None:
+            return None
+        try:
+            now = guard.mount_point(self.root)
+        except OSError as e:
+            return f"dataset root {self.root} is unreadable ({e.strerror})"
+        if now == recorded:
+            return None
+        return (f"dataset root {self.root} is on the file system mounted at "
+                f"{os.fsdecode(now)} now, not {os.fsdecode(recorded)} (unmounted?); if it "
+                f"moved there on purpose, delete {self.state_dir / guard.ROOT_MOUNT_FILE}")
+
+    def _note_mount(self) -> None:
+        """Records where the root's file system is mounted, once a run, with the root
+        non-empty: what _mount_moved compares with after a restart."""
+        if self._mount_noted:
+            return
+        self._mount_noted = True
+        try:
+            mount = guard.mount_point(self.root)
+            if guard.recorded_mount_point(self.state_dir) != mount:
+                guard.record_mount_point(self.state_dir, mount)
+                log.info("dataset root's file system noted dataset=%s mount_point=%s",
+                         self.name, os.fsdecode(mount))
+        except OSError as e:
+            # not fatal: the guard still compares devices within this run
+            self._log_error("state", "root-mount", "cannot note the root's mount point in "
+                            f"{self.state_dir}: {e.strerror or e}")
+
+    def _unmounted(self, message: str) -> SourceUnsafe:
+        """The error for a root that looks unmounted. A confirmation to ship an emptied root
+        that arrives now is refused and removed: it was given for something else."""
+        self._empty_allowed = False
+        try:
+            confirmed = guard.read(self.state_dir) is not None
+        except (guard.BadConfirmation, OSError):
+            confirmed = True  # whatever it is, it must not be used later
+        if confirmed and self._discard_confirmation():
+            log.warning("allow-empty refused, confirmation removed dataset=%s reason=%r: "
+                        "the root looks unmounted, not emptied", self.name, message)
+            self._allow_refused = True
+        if self._allow_refused:
+            message += "; allow-empty refused: that is an unmount, not an emptying"
+        return SourceUnsafe(message)
+
+    def _use_confirmation(self, *, use: bool) -> bool:
+        """Looks at the operator's allow-empty confirmation; True if it lets this emptying
+        through. A good one is used up when `use` (removed before anything is shipped, so
+        that it never lets a second emptying through); a void one (expired, unreadable,
+        for another dataset) is removed with a log line."""
+        void: str | None = None
+        now = time.time()
+        age = 0.0
+        try:
+            c = guard.read(self.state_dir)
+            if c is None:
+                return False
+            age = c.age(now)
+            if c.dataset != self.name:
+                void = f"it names dataset {c.dataset!r}"
+            elif not c.fresh(now):
+                void = (f"expired: given {age:.0f} s ago, good for "
+                        f"{guard.ALLOW_EMPTY_TTL:.0f} s")
+            elif not use:
+                return False  # given before the emptying: it waits for it
+        except (guard.BadConfirmation, OSError) as e:
+            void = f"unreadable: {e}"
+        if not self._discard_confirmation():
+            return False
+        if void is not None:
+            log.warning("allow-empty confirmation void, removed dataset=%s reason=%r",
+                        self.name, void)
+            return False
+        log.warning("operator allowed shipping the emptied root (allow-empty) dataset=%s "
+                    "root=%s given_seconds_ago=%.1f entries_to_delete=%d", self.name,
+                    self.root, age, len(self.view.children("")))
+        return True
+
+    def _discard_confirmation(self) -> bool:
+        try:
+            guard.discard(self.state_dir)
+        except OSError as e:
+            self._log_error("state", "allow-empty", "cannot remove the allow-empty "
+                            f"confirmation in {self.state_dir}: {e.strerror or e}; not using it")
+            return False
+        return True
+
+    def _allow_empty_command(self) -> str:
+        """The command that confirms this dataset's emptying, for the error text."""
+        if self.state_dir.parent.name == "datasets":  # <state_dir>/datasets/<name>
+            agent_state = shlex.quote(str(self.state_dir.parent.parent.absolute()))
+            return (f"replicator allow-empty --state-dir {agent_state} "
+                    f"--dataset {shlex.quote(self.name)}")
+        return f"replicator allow-empty --config AGENT.toml --dataset {shlex.quote(self.name)}"
 
     # ---- reconciling ----
 
@@ -692,7 +825,8 @@ class DirectorySource:
         changes while it is read is simply read again: no record is voided on the wire.
         """
         for attempt in range(3):
-            with FileReader(self.root / path, self.block_size, old_hashes) as reader:
+            with FileReader(self.root / path, self.block_size, old_hashes,
+                            compress=self.compress) as reader:
                 blocks = [b for chunk in reader.chunks() for b in chunk]
                 try:
                     state = reader.finish()
@@ -720,7 +854,7 @@ class DirectorySource:
             first_seen = min(first_seen, resume[0].first_seen)
             skip = resume[1]
         reader = await asyncio.to_thread(FileReader, self.root / path, self.block_size,
-                                         old_hashes, start_block=skip)
+                                         old_hashes, start_block=skip, compress=self.compress)
         try:
             st0 = reader.stat
             if skip and resume is not None and Sending.of(resume[0].lsn, path, st0,
@@ -730,7 +864,8 @@ class DirectorySource:
                 reader.close()
                 skip = 0
                 reader = await asyncio.to_thread(FileReader, self.root / path,
-                                                 self.block_size, old_hashes)
+                                                 self.block_size, old_hashes,
+                                                 compress=self.compress)
                 st0 = reader.stat
             attrs, xdigest = self._attrs(path, st0, fd=reader.fd)
             header = self._file_header(path, attrs, st0.st_size, entry, first_seen)
@@ -835,14 +970,14 @@ class DirectorySource:
 
     def _attrs(self, path: str, st: os.stat_result | _Stat, *, fd: int | None = None,
                xattrs: bool = True) -> tuple[Attrs, bytes]:
-        values: dict[str, bytes] | None = None
+        values: dict[bytes, bytes] | None = None
         xdigest = b""
         if xattrs and self._xattrs_supported:
             values = self._read_xattrs(self.root / path if fd is None else fd)
             if values:
                 h = xxhash.xxh3_128()
                 for k in sorted(values):
-                    h.update(k.encode("utf-8", "surrogateescape") + b"\0" + values[k] + b"\0")
+                    h.update(k + b"\0" + values[k] + b"\0")
                 xdigest = h.digest()
         attrs = Attrs(
             mode=st.st_mode, mtime_ns=st.st_mtime_ns,
@@ -852,32 +987,32 @@ class DirectorySource:
         )
         return attrs, xdigest
 
-    def _read_xattrs(self, target: Path | int) -> dict[str, bytes] | None:
+    def _read_xattrs(self, target: Path | int) -> dict[bytes, bytes] | None:
+        """The extended attributes of `target`, names as the file system's bytes.
+
+        os.listxattr gives names as str decoded with surrogateescape, whatever the path's
+        type; os.fsencode gives back their exact bytes, which the wire carries as they are.
+        None where there are none to replicate (not supported, not allowed to read).
+        """
+        follow = isinstance(target, int)  # an fd is the file itself; a path: never follow
         try:
-            if isinstance(target, int):
-                names = self._xattr_names(os.listxattr(target), target)
-                return {n: os.getxattr(target, n) for n in names}
-            names = self._xattr_names(os.listxattr(target, follow_symlinks=False), target)
-            return {n: os.getxattr(target, n, follow_symlinks=False) for n in names}
+            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
+            values = {}
+            for name in names:
+                try:
+                    values[name] = os.getxattr(target, name, follow_symlinks=follow)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:
+                        raise
+                    # removed since it was listed: the file has it no more
+            return values
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 self._xattrs_supported = False
                 return None
-            if e.errno in (errno.EACCES, errno.EPERM, errno.ENODATA):
+            if e.errno in (errno.EACCES, errno.EPERM):
                 return None
             raise
-
-    def _xattr_names(self, names: list[str], target: Path | int) -> list[str]:
-        """Names the wire can carry (its map keys are UTF-8); others are skipped, said once."""
-        good = []
-        for n in names:
-            try:
-                n.encode("utf-8")
-                good.append(n)
-            except UnicodeEncodeError:
-                self._log_error("xattr", f"xattr:{n!r}", f"extended attribute {n!r} of "
-                                f"{target} is not UTF-8 and is not replicated")
-        return good
 
     def _log_error(self, kind: str, key: str, message: str) -> None:
         self.error_kinds[kind] += 1

@@ -31,14 +31,14 @@ import grpc
 from replicator import __version__
 from replicator.core.records import Frame
 from replicator.errors import StateUnwritable
-from replicator.wire import PROTOCOL_VERSION, pb, rpc
-from replicator.wire.convert import batch_message_size, frame_to_pb
+from replicator.wire import PROTOCOL_VERSION, pb
+from replicator.wire.framing import Buffer, batch_message, encode_frame, parts_size
+from replicator.wire.stream import agent_stream
 
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 32 << 20
-FRAME_OVERHEAD = 64
 HEARTBEAT_INTERVAL = 1.0
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 10.0
@@ -107,7 +107,8 @@ class Link:
         self.last_error: str | None = None
         self.bytes_sent = 0              # wire bytes of all streams, for metrics
         self.dataset_bytes: list[int] = []  # frame bytes queued per dataset, for metrics
-        self._queue: collections.deque[pb.Frame] = collections.deque()
+        # frames encoded as they will be in the batch (see wire.framing), with their sizes
+        self._queue: collections.deque[tuple[list[Buffer], int]] = collections.deque()
         self._queued_bytes = 0
         self._sent = 0                   # stream bytes of the current stream
         self._acked = 0                  # stream bytes the receiver has journaled
@@ -129,14 +130,20 @@ class Link:
         return self.generation
 
     async def send(self, generation: int, dataset: int, frames: Sequence[Frame]) -> None:
-        """Queues frames of one dataset; waits while the window is full."""
-        size = sum(_frame_size(f) for f in frames)
+        """Queues frames of one dataset; waits while the window is full.
+
+        The frames are encoded here, keeping block payloads as the buffers given: the
+        caller may reuse those buffers once this returns only if they are immutable
+        (bytes, or a view of bytes), as the reader's are.
+        """
+        encoded = [encode_frame(dataset, f) for f in frames]
+        sizes = [parts_size(p) for p in encoded]
+        size = sum(sizes)
         async with self._room:
             await self._room.wait_for(lambda: generation != self.generation or self._fits(size))
             if generation != self.generation or not self.connected.is_set():
                 raise Disconnected()
-            for f in frames:
-                self._queue.append(frame_to_pb(dataset, f))
+            self._queue.extend(zip(encoded, sizes, strict=True))
             self._queued_bytes += size
             self.dataset_bytes[dataset] += size
         self._has_data.set()
@@ -180,8 +187,7 @@ class Link:
         else:
             channel = grpc.aio.secure_channel(self.target, self.credentials, options=GRPC_OPTIONS)
         async with channel:
-            stub = rpc.ReplicatorStub(channel)
-            call = stub.Stream(wait_for_ready=False)
+            call = agent_stream(channel)(wait_for_ready=False)
             self._call = call
             hello = pb.Hello(protocol_version=PROTOCOL_VERSION, source_id=self.source_id,
                              agent_version=__version__)
@@ -253,16 +259,17 @@ class Link:
             await self._has_data.wait()
             self._has_data.clear()
             while self._queue:
-                msg = pb.AgentMessage()
-                frames = msg.batch.frames
+                parts: list[Buffer] = []
                 taken = 0
                 while self._queue and (taken == 0 or taken < self.batch_bytes):
-                    f = self._queue.popleft()
-                    frames.append(f)
-                    taken += _pb_frame_size(f)
+                    frame, n = self._queue.popleft()
+                    parts += frame
+                    taken += n
                 self._queued_bytes = max(0, self._queued_bytes - taken)
                 await self._before_send()
-                size = batch_message_size(msg.batch)
+                msg = batch_message(parts, taken)
+                del parts  # the payload views: what they keep alive is in msg now
+                size = len(msg)
                 self._sent += size
                 self.bytes_sent += size
                 async with self._write_lock:
@@ -295,11 +302,3 @@ class Link:
                 async with asyncio.timeout(HEARTBEAT_INTERVAL):
                     await self._heartbeat_due.wait()
 
-
-def _frame_size(f: Frame) -> int:
-    data = getattr(f.body, "data", b"")
-    return len(data) + FRAME_OVERHEAD
-
-
-def _pb_frame_size(f: pb.Frame) -> int:
-    return (len(f.block.data) if f.HasField("block") else 0) + FRAME_OVERHEAD

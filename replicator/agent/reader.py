@@ -2,9 +2,13 @@
 
 `FileReader` hashes every block of a file and yields, in chunks of about `chunk_size`
 raw bytes, the encoded blocks whose hash differs from the hashes the receiver already
-has. Memory stays bounded whatever the file's size: one reused read buffer of
-`chunk_size` bytes, the encoded blocks of one chunk, and the file's hashes
-(`HASH_SIZE` bytes per block).
+has. Memory stays bounded whatever the file's size: the chunk being read (each chunk is
+read into a new `bytes`, so that blocks sent as they are can be views of it instead of
+copies, and live until the link has put them into a message), the encoded blocks of one
+chunk, and the file's hashes (`HASH_SIZE` bytes per block).
+
+`compress=False` ships data blocks as they are, never lz4: over loopback moving bytes
+costs less than compressing them (see the agent's `compression` setting).
 
 Holes are found with SEEK_DATA/SEEK_HOLE and never read: a block entirely inside a hole
 hashes as `zero_hash`. A new file (no old hashes) does not ship its zero blocks at all,
@@ -157,6 +161,7 @@ class FileReader:
         old_hashes: bytes | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         start_block: int = 0,
+        compress: bool = True,
     ) -> None:
         """`start_block`: blocks below it are read and hashed (the digest covers them) but
         never yielded, as when the receiver already holds them from a broken-off send."""
@@ -169,6 +174,7 @@ class FileReader:
         self._block_size = block_size
         self._old = old_hashes
         self._start_block = start_block
+        self._compress = compress
         # a whole number of blocks, at least one
         self._blocks_per_chunk = max(1, chunk_size // block_size)
         self.raw_bytes = 0
@@ -255,15 +261,15 @@ class FileReader:
         s = index * HASH_SIZE
         return old[s:s + HASH_SIZE] != h     # a short slice (no old block) never matches
 
-    def _read_into(self, view: memoryview, offset: int) -> int:
-        """Fills `view` from `offset`; returns the bytes read (fewer only at end of file)."""
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n == 0:
+    def _read(self, length: int, offset: int) -> bytes:
+        """`length` bytes from `offset`; fewer only at end of file."""
+        data = os.pread(self._fd, length, offset)
+        while 0 < len(data) < length:  # rare: a signal, or the file shrinking meanwhile
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
                 break
-            got += n
-        return got
+            data += more
+        return data
 
     def _scan(self, emit: bool) -> Iterator[list[Block]]:
         if self._started:
@@ -274,7 +280,6 @@ class FileReader:
         bs, size = self._block_size, self._st.st_size
         nblocks = block_count(size, bs)
         per_chunk = self._blocks_per_chunk
-        buf = memoryview(bytearray(min(per_chunk, nblocks) * bs))
         datamap = _DataMap(self._fd)
         hashes = self._hashes
         for first in range(0, nblocks, per_chunk):
@@ -299,8 +304,8 @@ class FileReader:
                 while j < last and datamap.has_data(j * bs, min((j + 1) * bs, size)):
                     j += 1
                 run_len = min(j * bs, size) - start
-                view = buf[(i - first) * bs:(i - first) * bs + run_len]
-                got = self._read_into(view, start)
+                run = memoryview(self._read(run_len, start))
+                got = len(run)
                 self._covered += got
                 if got < run_len:
                     # truncated under us: what is in the buffer is stale, so stop here
@@ -311,9 +316,9 @@ class FileReader:
                         yield out
                     return
                 for k in range(i, j):
-                    off = (k - first) * bs
+                    off = (k - i) * bs
                     blen = min(bs, size - k * bs)
-                    data = buf[off:off + blen]
+                    data = run[off:off + blen]
                     h = block_hash(data)
                     hashes += h
                     if not emit or k < self._start_block or not self._changed(k, h):
@@ -322,7 +327,7 @@ class FileReader:
                         if self._old is not None:
                             out.append(Block(k, Codec.ZERO, blen, b""))
                         continue
-                    codec, payload = encode_block(data)
+                    codec, payload = encode_block(data, self._compress)
                     out.append(Block(k, codec, blen, payload))
                 i = j
             if out:

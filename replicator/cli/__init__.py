@@ -10,7 +10,8 @@ import traceback
 from replicator import __version__
 from replicator.errors import ReplicatorError
 
-COMMANDS = ("receiver", "agent", "mirror", "status", "promote")
+# module names under replicator.cli; each registers its command (allow_empty: allow-empty)
+COMMANDS = ("receiver", "agent", "mirror", "status", "promote", "allow_empty")
 
 
 class _Parser(argparse.ArgumentParser):

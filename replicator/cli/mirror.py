@@ -15,7 +15,13 @@ from pathlib import Path
 
 from replicator.agent.agent import Agent
 from replicator.cli.common import add_logging_options, setup_logging
-from replicator.config import DEFAULT_BLOCK_SIZE, DatasetConfig, parse_hostport, parse_size
+from replicator.config import (
+    DEFAULT_BLOCK_SIZE,
+    DatasetConfig,
+    compress_for,
+    parse_hostport,
+    parse_size,
+)
 from replicator.daemon import lock_state_dir, notify, serve
 from replicator.errors import UsageError
 from replicator.observe.http import json_route, serving
@@ -79,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         try:
             port = await receiver.start("127.0.0.1:0")
-            agent = Agent(SOURCE_ID, f"127.0.0.1:{port}", state / "agent",
+            address = f"127.0.0.1:{port}"
+            agent = Agent(SOURCE_ID, address, state / "agent",
                           (DatasetConfig(DATASET, "directory", src, tuple(args.exclude)),),
-                          block_size=block_size, rescan_interval=args.rescan_interval)
+                          block_size=block_size, rescan_interval=args.rescan_interval,
+                          compress=compress_for("auto", address))
             routes = daemon_routes(receiver.status_document,
                                    receiver_registry(receiver, agent.counters))
             routes["/agent/status"] = json_route(agent.status_document)

@@ -88,19 +88,26 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     return bytes(data) == _zeros(n)
 
 
-def encode_block(data: bytes | bytearray | memoryview) -> tuple[Codec, bytes]:
-    """Choose the wire form of one block: ZERO, LZ4 if it saves >= 1/8, else RAW."""
+def encode_block(data: bytes | bytearray | memoryview,
+                 compress: bool = True) -> tuple[Codec, bytes | memoryview]:
+    """Choose the wire form of one block: ZERO, LZ4 if `compress` and it saves >= 1/8,
+    else RAW. A RAW payload is `data` itself when that cannot change (bytes, or a
+    read-only view of bytes), else a copy."""
     if is_zero(data):
         return Codec.ZERO, b""
-    n = len(data)
-    packed = lz4.block.compress(data, store_size=False)
-    if len(packed) * COMPRESS_MIN_SAVING_DEN < n * (COMPRESS_MIN_SAVING_DEN
-                                                     - COMPRESS_MIN_SAVING_NUM):
-        return Codec.LZ4, packed
+    if compress:
+        n = len(data)
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) * COMPRESS_MIN_SAVING_DEN < n * (COMPRESS_MIN_SAVING_DEN
+                                                         - COMPRESS_MIN_SAVING_NUM):
+            return Codec.LZ4, packed
+    if isinstance(data, bytes) or (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+        return Codec.RAW, data
     return Codec.RAW, bytes(data)
 
 
-def decode_block(codec: Codec | int, raw_len: int, payload: bytes, max_len: int) -> bytes:
+def decode_block(codec: Codec | int, raw_len: int, payload: bytes | memoryview,
+                 max_len: int) -> bytes | memoryview:
     """The raw bytes of a block from its wire form; raises ProtocolError if it is invalid.
 
     Never allocates more than `max_len` bytes, whatever `raw_len` or `payload` claim.

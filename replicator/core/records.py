@@ -42,8 +42,9 @@ class Attrs:
     mtime_ns: int
     uid: int | None = None      # None: ownership is not replicated (agent not root)
     gid: int | None = None
-    # None: leave extended attributes alone; a dict (possibly empty): exactly these
-    xattrs: dict[str, bytes] | None = None
+    # None: leave extended attributes alone; a dict (possibly empty): exactly these. Names
+    # are the file system's bytes: Linux xattr names need not be UTF-8
+    xattrs: dict[bytes, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ class Block:
     index: int
     codec: Codec
     raw_len: int
-    data: bytes
+    data: bytes | memoryview  # agent side: may be a view of the chunk read (immutable)
 
 
 @dataclass(frozen=True, slots=True)

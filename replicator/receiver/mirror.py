@@ -709,10 +709,14 @@ def _chmod_at(dfd: int, name: bytes, mode: int) -> None:
         os.chmod(name, mode, dir_fd=dfd)
 
 
-def _sync_xattrs(target: int | bytes, wanted: dict[str, bytes], *, follow: bool) -> None:
-    """Make the xattrs of `target` exactly `wanted`; nothing where the fs has no xattrs."""
+def _sync_xattrs(target: int | bytes, wanted: dict[bytes, bytes], *, follow: bool) -> None:
+    """Make the xattrs of `target` exactly `wanted`; nothing where the fs has no xattrs.
+
+    Names are bytes throughout: os.listxattr decodes them with surrogateescape, and
+    os.fsencode gives back the exact bytes the file system holds, UTF-8 or not.
+    """
     try:
-        present = os.listxattr(target, follow_symlinks=follow)
+        present = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=follow)]
     except OSError as e:
         if e.errno in _NOT_SUPPORTED:
             return
@@ -735,7 +739,7 @@ def _sync_xattrs(target: int | bytes, wanted: dict[str, bytes], *, follow: bool)
 
 def _copy_xattrs(src: int, dst: int) -> None:
     try:
-        names = os.listxattr(src)
+        names = [os.fsencode(n) for n in os.listxattr(src)]  # exact bytes, as in _sync_xattrs
     except OSError as e:
         if e.errno in _NOT_SUPPORTED:
             return
@@ -826,15 +830,12 @@ def _check_attrs(attrs: Attrs) -> None:
     if not -_NS_LIMIT <= attrs.mtime_ns < _NS_LIMIT:
         raise ProtocolError(f"attributes refused: mtime_ns {attrs.mtime_ns} out of range")
     for key, val in (attrs.xattrs or {}).items():
-        try:
-            key_size = len(encode_name(key))
-        except UnicodeEncodeError:
-            key_size = MAX_NAME_BYTES + 1
-        if not key or "\0" in key or key_size > MAX_NAME_BYTES:
-            raise ProtocolError(f"attributes refused: xattr name {quote_path(key)}")
+        if not key or b"\0" in key or len(key) > MAX_NAME_BYTES:
+            raise ProtocolError(f"attributes refused: xattr name {quote_path(decode_name(key))}")
         if len(val) > MAX_XATTR_VALUE:
             raise ProtocolError(
-                f"attributes refused: xattr {quote_path(key)} value of {len(val)} bytes"
+                f"attributes refused: xattr {quote_path(decode_name(key))} value of "
+                f"{len(val)} bytes"
             )
 
 

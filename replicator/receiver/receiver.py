@@ -26,7 +26,8 @@ from replicator.observe.metrics import ChangeLatency, DatasetCounters
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.service import ReplicatorServicer
 from replicator.receiver.session import Session
-from replicator.wire import SERVICE_NAME, rpc
+from replicator.wire import SERVICE_NAME
+from replicator.wire.stream import add_replicator_servicer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Receiver:
     async def start(self, listen: str, credentials: grpc.ServerCredentials | None = None) -> int:
         self.load()
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        rpc.add_ReplicatorServicer_to_server(ReplicatorServicer(self), server)
+        add_replicator_servicer(ReplicatorServicer(self), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -18,6 +18,7 @@ import grpc
 from replicator.core.paths import encode_name
 from replicator.receiver.session import HELLO_TIMEOUT, Session
 from replicator.wire import pb, rpc
+from replicator.wire.stream import RawBatch
 
 if TYPE_CHECKING:
     from replicator.receiver.receiver import Receiver
@@ -35,8 +36,9 @@ def peer_identities(context: grpc.aio.ServicerContext) -> set[str]:
     return names
 
 
-async def _chain(first: pb.AgentMessage,
-                 rest: AsyncIterator[pb.AgentMessage]) -> AsyncIterator[pb.AgentMessage]:
+async def _chain(first: pb.AgentMessage | RawBatch,
+                 rest: AsyncIterator[pb.AgentMessage | RawBatch]
+                 ) -> AsyncIterator[pb.AgentMessage | RawBatch]:
     yield first
     async for msg in rest:
         yield msg
@@ -46,7 +48,8 @@ class ReplicatorServicer(rpc.ReplicatorServicer):
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
-    async def Stream(self, request_iterator: AsyncIterator[pb.AgentMessage],  # noqa: N802
+    async def Stream(self,  # noqa: N802
+                     request_iterator: AsyncIterator[pb.AgentMessage | RawBatch],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
         requests = request_iterator
         if self.receiver.require_client_identity:
@@ -54,6 +57,10 @@ class ReplicatorServicer(rpc.ReplicatorServicer):
                 first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
             except (StopAsyncIteration, TimeoutError):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
+                return
+            if isinstance(first, RawBatch) or first.WhichOneof("kind") != "hello":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "the stream must open with a hello")
                 return
             source = first.hello.source_id
             names = peer_identities(context)

@@ -25,9 +25,11 @@ way, which is kept as its dataset's `Partial` for the next stream to continue (s
 the group commit) and when the stream breaks, so that a restart can continue it too; after
 a crash the applier deletes the incoming files no flushed record or saved partial needs.
 
-Each batch's frame work (decode, hash, pwrite, journal append, group commit) runs in one
-worker thread per session, so that gRPC keeps receiving meanwhile; batches that arrived
-while the worker was busy go to it together, up to `GROUP_BYTES`, under one group commit.
+Each batch's frame work (parse, decode, hash, pwrite, journal append, group commit) runs in
+one worker thread per session, so that gRPC keeps receiving meanwhile: batches arrive
+unparsed (`wire.stream.RawBatch`), since parsing a 1 MiB message on the event loop would
+stall the gRPC I/O of both daemons in `replicator mirror`. Batches that arrived while the
+worker was busy go to it together, up to `GROUP_BYTES`, under one group commit.
 Before a newer stream of the same source touches the journals, it waits for the older
 stream's batch to finish.
 """
@@ -63,7 +65,8 @@ from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, enco
 from replicator.receiver.mirror import start_writeback
 from replicator.receiver.partial import SAVE_EVERY_BYTES, Partial, PartialStore, new_hashes
 from replicator.wire import PROTOCOL_VERSION, pb
-from replicator.wire.convert import batch_message_size, frame_from_pb
+from replicator.wire.convert import frame_from_pb
+from replicator.wire.stream import RawBatch
 
 if TYPE_CHECKING:
     from replicator.receiver.receiver import Receiver
@@ -78,6 +81,11 @@ STAGE_MIN_SIZE = 1 << 20
 # Write-back of a staged file is started after every this many bytes written, so that
 # the disk works while the rest arrives and the fdatasync at its end has little left.
 WRITEBACK_BYTES = 8 << 20
+# Consecutive blocks of a staged file are written with one pwritev of at most this many
+# bytes or buffers: one system call, and one wait for the interpreter lock after it, per
+# run instead of per block (that wait is long while the event loop is busy).
+WRITE_RUN_BYTES = 1 << 20
+WRITE_RUN_BUFFERS = 64
 # Batches that wait for the worker while it writes go to it together, up to this many
 # bytes, under one group commit; the inbox holds at most this many messages (~1 MiB each).
 GROUP_BYTES = 8 << 20
@@ -89,7 +97,7 @@ class _Open:
     """The record currently being received for one dataset."""
 
     __slots__ = ("lsn", "header", "nblocks", "fd", "staged", "hashes", "dirty", "upto",
-                 "ascending")
+                 "ascending", "run", "run_first", "run_bytes")
 
     def __init__(self, lsn: int, header: Header) -> None:
         self.lsn = lsn
@@ -103,6 +111,42 @@ class _Open:
         # ascending order (then every block below `upto` is staged or a hole: resumable)
         self.upto = 0
         self.ascending = True
+        # decoded blocks not written yet: consecutive, from block run_first (see `write`)
+        self.run: list[bytes | memoryview] = []
+        self.run_first = 0
+        self.run_bytes = 0
+
+    def write(self, index: int, data: bytes | memoryview, block_size: int) -> None:
+        """Stages block `index`: it joins the run of blocks to be written with one call if
+        it follows it (the run is written first if not, or if it is full)."""
+        if self.run and index != self.run_first + len(self.run):
+            self.flush(block_size)
+        if not self.run:
+            self.run_first = index
+        self.run.append(data)
+        self.run_bytes += len(data)
+        if self.run_bytes >= WRITE_RUN_BYTES or len(self.run) >= WRITE_RUN_BUFFERS:
+            self.flush(block_size)
+
+    def flush(self, block_size: int) -> None:
+        """Writes the run; only then do its blocks count as staged (`upto`), so a stream
+        that breaks on a failed write keeps no claim to them."""
+        if not self.run:
+            return
+        run, total, offset = self.run, self.run_bytes, self.run_first * block_size
+        written = os.pwritev(self.fd, run, offset)
+        while written < total:  # rare: a short write; go on from where it stopped
+            rest = memoryview(b"".join(run))[written:]
+            written += os.pwrite(self.fd, rest[:total - written], offset + written)
+        self.dirty += total
+        if self.dirty >= WRITEBACK_BYTES:
+            self.dirty = 0
+            start_writeback(self.fd)
+        if self.run_first < self.upto:
+            self.ascending = False
+        self.upto = self.run_first + len(run)
+        self.run = []
+        self.run_bytes = 0
 
     @classmethod
     def resumed(cls, lsn: int, header: Header, p: Partial) -> _Open:
@@ -149,7 +193,7 @@ class Session:
         self._released: asyncio.Future[None] | None = None  # release_open, once
         self._unsaved: set[str] = set()  # staged files whose progress could not be saved
 
-    async def run(self, requests: AsyncIterator[pb.AgentMessage],
+    async def run(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
         try:
             first = await asyncio.wait_for(anext(requests), HELLO_TIMEOUT)
@@ -205,8 +249,8 @@ class Session:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full
                             else grpc.StatusCode.UNAVAILABLE, message)
 
-    async def _hello(self, msg: pb.AgentMessage) -> pb.Welcome:
-        if msg.WhichOneof("kind") != "hello":
+    async def _hello(self, msg: pb.AgentMessage | RawBatch) -> pb.Welcome:
+        if isinstance(msg, RawBatch) or msg.WhichOneof("kind") != "hello":
             raise ProtocolError("the stream must open with a hello")
         hello = msg.hello
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -256,31 +300,30 @@ class Session:
                  ",".join(names))
         return welcome
 
-    async def _read(self, requests: AsyncIterator[pb.AgentMessage]) -> None:
+    async def _read(self, requests: AsyncIterator[pb.AgentMessage | RawBatch]) -> None:
         """Takes the messages `_receive` queues, in order. Batches that are already waiting
         go to the worker together (up to GROUP_BYTES), so a burst costs one group commit per
         group instead of one per batch; a batch that arrives alone is committed at once."""
-        inbox: asyncio.Queue[pb.AgentMessage | BaseException | None] = asyncio.Queue(
+        inbox: asyncio.Queue[pb.Heartbeat | RawBatch | BaseException | None] = asyncio.Queue(
             INBOX_MESSAGES)
         receiving = asyncio.create_task(self._receive(requests, inbox),
                                         name=f"receive {self.source}")
-        held: list[pb.AgentMessage | BaseException | None] = []  # taken while grouping
+        held: list[pb.Heartbeat | RawBatch | BaseException | None] = []  # taken while grouping
         try:
             while (item := held.pop() if held else await inbox.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                if item.WhichOneof("kind") == "heartbeat":
-                    self._heartbeat(item.heartbeat)
+                if isinstance(item, pb.Heartbeat):
+                    self._heartbeat(item)
                     continue
-                group, size = [item.batch], batch_message_size(item.batch)
+                group, size = [item], len(item)
                 while size < GROUP_BYTES and not inbox.empty():
                     after = inbox.get_nowait()
-                    if not (isinstance(after, pb.AgentMessage)
-                            and after.WhichOneof("kind") == "batch"):
+                    if not isinstance(after, RawBatch):
                         held.append(after)  # handled in order, after this group
                         break
-                    group.append(after.batch)
-                    size += batch_message_size(after.batch)
+                    group.append(after)
+                    size += len(after)
                 await self._batch(group)
                 self._stream_bytes += size
         finally:
@@ -288,25 +331,35 @@ class Session:
             with contextlib.suppress(BaseException):
                 await receiving
 
-    async def _receive(self, requests: AsyncIterator[pb.AgentMessage],
-                       inbox: asyncio.Queue[pb.AgentMessage | BaseException | None]) -> None:
+    async def _receive(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
+                       inbox: asyncio.Queue[pb.Heartbeat | RawBatch | BaseException | None]
+                       ) -> None:
         """Reads the stream into `inbox` (bounded: gRPC's flow control holds the agent
         back when it is full); then None, or the error that ended it."""
         end: BaseException | None = None
         try:
             async for msg in requests:
                 now = time.time()
-                kind = msg.WhichOneof("kind")
-                if kind not in ("batch", "heartbeat"):
-                    raise ProtocolError(f"unexpected {kind or 'empty'} message after the hello")
+                item: pb.Heartbeat | RawBatch
+                if isinstance(msg, RawBatch):
+                    item = msg
+                else:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "heartbeat":
+                        item = msg.heartbeat
+                    elif kind == "batch":  # a batch whose encoding did not start with it
+                        item = RawBatch.of(msg)
+                    else:
+                        raise ProtocolError(f"unexpected {kind or 'empty'} message after the "
+                                            "hello")
                 for ds in self.datasets:
                     ds.last_contact_at = now
-                await inbox.put(msg)
+                await inbox.put(item)
         except Exception as e:
             end = e
         await inbox.put(end)
 
-    async def _batch(self, batches: list[pb.Batch]) -> None:
+    async def _batch(self, batches: list[RawBatch]) -> None:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix=f"ingest {self.source}")
@@ -322,14 +375,14 @@ class Session:
         if error is not None:
             raise error
 
-    def _ingest(self, batches: list[pb.Batch]) -> tuple[set[int], Exception | None]:
+    def _ingest(self, batches: list[RawBatch]) -> tuple[set[int], Exception | None]:
         """In the worker thread: every frame of the batches, then the group commit. Returns
         the datasets made durable and the error that stopped the batches, if one did."""
         touched: set[int] = set()
         error: Exception | None = None
         try:
-            for batch in batches:
-                for f in batch.frames:
+            for raw in batches:
+                for f in raw.parse().frames:
                     if self._closing:
                         break
                     self._frame(f)
@@ -337,6 +390,12 @@ class Session:
         except Exception as e:
             error = e
             self._malformed = isinstance(e, ProtocolError)
+        try:  # no block waits in memory once the worker is done: a partial may be kept now
+            for open_ in self._open:
+                if open_ is not None and open_.fd >= 0:
+                    open_.flush(open_.header.block_size)
+        except OSError as e:
+            error = error or e
         if touched:
             _sync_all([self.datasets[i].journal for i in touched])
             if error is None:
@@ -449,6 +508,7 @@ class Session:
     def _finish_staged(self, ds: ReceiverDataset, open_: _Open, lsn: int, end: End) -> None:
         """The staged file made durable, then its STAGED entries journaled; the caller
         appends the END. An aborted record's file is deleted and no STAGED is journaled."""
+        open_.flush(open_.header.block_size)
         fd, open_.fd = open_.fd, -1
         try:
             try:
@@ -593,17 +653,10 @@ def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
             data = decode_block(b.codec, b.raw_len, b.data, bs)
         except ProtocolError as e:
             raise ProtocolError(f"{label} LSN {lsn}: block {i}: {e.message}") from None
-        view = memoryview(data)
-        offset = i * bs
-        while view:
-            n = os.pwrite(open_.fd, view, offset)
-            view = view[n:]
-            offset += n
-        h = block_hash(data)
-        open_.dirty += len(data)
-        if open_.dirty >= WRITEBACK_BYTES:
-            open_.dirty = 0
-            start_writeback(open_.fd)
+        open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = block_hash(data)
+        open_.write(i, data, bs)
+        return
+    open_.flush(bs)  # blocks before this hole first: `upto` counts in order
     open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
     if i < open_.upto:
         open_.ascending = False

@@ -99,7 +99,7 @@ class Frame(_message.Message):
     def __init__(self, dataset: _Optional[int] = ..., lsn: _Optional[int] = ..., header: _Optional[_Union[RecordHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ...) -> None: ...
 
 class Attrs(_message.Message):
-    __slots__ = ("mode", "mtime_ns", "has_owner", "uid", "gid", "has_xattrs", "xattrs")
+    __slots__ = ("mode", "mtime_ns", "has_owner", "uid", "gid", "has_xattrs", "xattrs", "xattr_list")
     class XattrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Attrs(_message.Message):
     GID_FIELD_NUMBER: _ClassVar[int]
     HAS_XATTRS_FIELD_NUMBER: _ClassVar[int]
     XATTRS_FIELD_NUMBER: _ClassVar[int]
+    XATTR_LIST_FIELD_NUMBER: _ClassVar[int]
     mode: int
     mtime_ns: int
     has_owner: bool
@@ -121,7 +122,16 @@ class Attrs(_message.Message):
     gid: int
     has_xattrs: bool
     xattrs: _containers.ScalarMap[str, bytes]
-    def __init__(self, mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., has_owner: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., has_xattrs: _Optional[bool] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    xattr_list: _containers.RepeatedCompositeFieldContainer[Xattr]
+    def __init__(self, mode: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., has_owner: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., has_xattrs: _Optional[bool] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ..., xattr_list: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ...) -> None: ...
+
+class Xattr(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    value: bytes
+    def __init__(self, name: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class RecordHeader(_message.Message):
     __slots__ = ("op", "path", "new_path", "target", "attrs", "size", "base", "base_digest", "block_size", "first_seen", "raw_bytes", "resume_from")

@@ -28,6 +28,7 @@ MAX_BLOCK_SIZE = 1 << 20
 MAX_DIGEST = 16
 MAX_PATH_BYTES = 4096
 MAX_XATTRS = 1024
+MAX_XATTR_NAME = 255         # XATTR_NAME_MAX on Linux
 MAX_XATTR_VALUE = 64 * 1024
 MAX_FILE_SIZE = 1 << 50
 
@@ -41,19 +42,36 @@ def attrs_to_pb(a: Attrs, out: pb.Attrs) -> None:
         out.gid = a.gid
     if a.xattrs is not None:
         out.has_xattrs = True
-        for k, v in a.xattrs.items():
-            out.xattrs[k] = v
+        # UTF-8 names in the map, as before xattr_list existed, so that an older receiver
+        # (which ignores xattr_list) keeps them; only the others need xattr_list
+        for name, value in a.xattrs.items():
+            try:
+                out.xattrs[name.decode()] = value
+            except UnicodeDecodeError:
+                x = out.xattr_list.add()
+                x.name = name
+                x.value = value
 
 
 def attrs_from_pb(m: pb.Attrs) -> Attrs:
-    xattrs = None
+    xattrs: dict[bytes, bytes] | None = None
     if m.has_xattrs:
-        if len(m.xattrs) > MAX_XATTRS:
-            raise ProtocolError(f"{len(m.xattrs)} extended attributes is too many")
-        for k, v in m.xattrs.items():
-            if not k or "\0" in k or len(v) > MAX_XATTR_VALUE:
-                raise ProtocolError(f"extended attribute {k[:64]!r} is invalid")
-        xattrs = dict(m.xattrs)
+        # counted before anything is looked at
+        count = len(m.xattrs) + len(m.xattr_list)
+        if count > MAX_XATTRS:
+            raise ProtocolError(f"{count} extended attributes is too many")
+        xattrs = {}
+        # the union of both: map names are UTF-8, list names any bytes
+        pairs = [(k.encode(), v) for k, v in m.xattrs.items()]
+        pairs += [(x.name, x.value) for x in m.xattr_list]
+        for name, value in pairs:
+            if (not name or b"\0" in name or len(name) > MAX_XATTR_NAME
+                    or len(value) > MAX_XATTR_VALUE):
+                raise ProtocolError(f"extended attribute {name[:64]!r} is invalid "
+                                    f"(name of {len(name)} bytes, value of {len(value)})")
+            if name in xattrs:
+                raise ProtocolError(f"extended attribute {name[:64]!r} is sent twice")
+            xattrs[name] = value
     return Attrs(
         mode=m.mode, mtime_ns=m.mtime_ns,
         uid=m.uid if m.has_owner else None, gid=m.gid if m.has_owner else None,
@@ -76,7 +94,7 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
         b.index = body.index
         b.codec = int(body.codec)  # type: ignore[assignment]
         b.raw_len = body.raw_len
-        b.data = body.data
+        b.data = body.data if isinstance(body.data, bytes) else bytes(body.data)
     elif isinstance(body, Header):
         h = m.header
         h.op = int(body.op)  # type: ignore[assignment]
@@ -116,15 +134,17 @@ def frame_from_pb(m: pb.Frame) -> Frame:
             codec = Codec(b.codec)
         except ValueError:
             raise ProtocolError(f"LSN {m.lsn}: unknown codec {b.codec}") from None
-        if not 0 < b.raw_len <= MAX_BLOCK_SIZE:
-            raise ProtocolError(f"LSN {m.lsn}: block of {b.raw_len} bytes")
-        if codec is Codec.RAW and len(b.data) != b.raw_len:
-            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(b.data)} != {b.raw_len}")
-        if codec is Codec.ZERO and b.data:
+        raw_len = b.raw_len
+        if not 0 < raw_len <= MAX_BLOCK_SIZE:
+            raise ProtocolError(f"LSN {m.lsn}: block of {raw_len} bytes")
+        data = b.data  # once: every read of a bytes field copies it out of the message
+        if codec is Codec.RAW and len(data) != raw_len:
+            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(data)} != {raw_len}")
+        if codec is Codec.ZERO and data:
             raise ProtocolError(f"LSN {m.lsn}: zero block carries data")
-        if len(b.data) > MAX_BLOCK_SIZE + 4096:
-            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(b.data)} bytes")
-        return Frame(m.lsn, Block(b.index, codec, b.raw_len, b.data))
+        if len(data) > MAX_BLOCK_SIZE + 4096:
+            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(data)} bytes")
+        return Frame(m.lsn, Block(b.index, codec, raw_len, data))
     if kind == "header":
         h = m.header
         try:
@@ -176,20 +196,3 @@ def decode_frame(payload: bytes) -> Frame:
         raise ProtocolError(f"undecodable frame: {e}") from None
     return frame_from_pb(m)
 
-
-def _varint_size(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
-def batch_message_size(batch: pb.Batch) -> int:
-    """AgentMessage(batch=batch).ByteSize(), which the agent counts for flow control.
-
-    Summed from the frames' sizes: upb's ByteSize of a whole 1 MiB message costs over a
-    millisecond (it walks the message much as serialising does), a frame's a microsecond.
-    Field tags are one byte (AgentMessage.batch = 2, Batch.frames = 1).
-    """
-    inner = 0
-    for f in batch.frames:
-        n = f.ByteSize()
-        inner += 1 + _varint_size(n) + n
-    return 1 + _varint_size(inner) + inner

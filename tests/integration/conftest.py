@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ class Pair:
         self.agent = Daemon(self.agent.args, self.agent.log_path).start()
 
 
-def make_pair(tmp: Path, *, agent_target_port: int | None = None) -> Pair:
+def make_pair(tmp: Path, *, agent_target_port: int | None = None, agent_extra: str = "") -> Pair:
     src = tmp / "src"
     src.mkdir(exist_ok=True)
     mirror_root = tmp / "mirror"
@@ -48,7 +50,7 @@ def make_pair(tmp: Path, *, agent_target_port: int | None = None) -> Pair:
     rconf = receiver_config(tmp / "receiver.toml", listen_port=rport, state=tmp / "rstate",
                             mirror_root=mirror_root, http_port=rhttp)
     aconf = agent_config(tmp / "agent.toml", receiver_port=agent_target_port or rport,
-                         state=tmp / "astate", source=src, http_port=ahttp)
+                         state=tmp / "astate", source=src, http_port=ahttp, extra=agent_extra)
     receiver = Daemon(["receiver", "--config", str(rconf), "--log-level", "debug"],
                       tmp / "receiver.log")
     agent = Daemon(["agent", "--config", str(aconf), "--log-level", "debug"], tmp / "agent.log")
@@ -61,3 +63,20 @@ def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
     yield p
     for d in (p.agent, p.receiver):
         d.kill()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 24 MiB tmpfs of its own at tmp_path/small (root only): to fill up, or unmount."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

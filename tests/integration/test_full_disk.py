@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import urllib.request
 from pathlib import Path
-
-import pytest
 
 from tests.integration.conftest import make_pair
 from tests.integration.harness import (
@@ -22,22 +19,6 @@ from tests.integration.harness import (
     wait_for,
 )
 from tests.integration.test_mirror_basic import start_mirror
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _full_disk_reported(url: str) -> bool:

@@ -144,7 +144,8 @@ async def test_receiver_killed_mid_file_continues_it_after_its_restart(tmp_path:
         assert "partial record restored" in log, log[-3000:]
         start = _resumed_from(p)
         assert start >= saved, (start, saved)
-        # after the restart only the rest went: about 1x the file in all, not 1.6x
+        # after the restart only the rest went: measured 1.2x the file in all (what came
+        # after the last save goes twice), not 1.6x
         assert proxy.bytes_up - before < SIZE - start * BS + OVERHEAD
         assert proxy.bytes_up < SIZE * 5 // 4, f"{proxy.bytes_up} bytes sent for {SIZE}"
         assert _incoming(p) == []
@@ -163,8 +164,11 @@ async def test_agent_killed_mid_file_continues_it_after_its_restart(tmp_path: Pa
         await _converge_never_torn(p, "big.bin")
         assert "resuming file" in p.agent.log()
         assert _resumed_from(p) == kept > 0
+        # after the restart only the rest went. What the receiver had not yet taken from
+        # the stream when it broke (up to the agent's 32 MiB window) goes again: measured
+        # 1.0-1.15x the file in all; a whole resend would be 1.6x
         assert proxy.bytes_up - before < SIZE - kept * BS + OVERHEAD
-        assert proxy.bytes_up < SIZE * 5 // 4, f"{proxy.bytes_up} bytes sent for {SIZE}"
+        assert proxy.bytes_up < SIZE * 3 // 2, f"{proxy.bytes_up} bytes sent for {SIZE}"
         assert _incoming(p) == []
 
 
@@ -187,10 +191,14 @@ async def test_link_cut_then_receiver_killed_still_continues_the_file(tmp_path: 
     async with _big_file_through_proxy(tmp_path) as (p, proxy):
         await _cut_mid_file(p, proxy)  # the partial is saved as the stream breaks...
         p.receiver.kill()
+        before = proxy.bytes_up
         p.restart_receiver()           # ...so a restarted receiver still has all of it
         proxy.resume()
         await _converge_never_torn(p, "big.bin")
         assert "partial record restored" in p.receiver.log()
-        assert _resumed_from(p) > 0
-        assert proxy.bytes_up < SIZE * 5 // 4, f"{proxy.bytes_up} bytes sent for {SIZE}"
+        start = _resumed_from(p)
+        assert start > 0
+        assert proxy.bytes_up - before < SIZE - start * BS + OVERHEAD
+        # measured 1.2x (the window in flight at the cut goes twice); whole: 1.5x
+        assert proxy.bytes_up < SIZE * 3 // 2, f"{proxy.bytes_up} bytes sent for {SIZE}"
         assert _incoming(p) == []

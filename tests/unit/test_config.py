@@ -42,6 +42,21 @@ def test_agent_ok(tmp_path: Path) -> None:
     assert c.datasets[0].exclude == ("*.swp", "tmp/**")
 
 
+@pytest.mark.parametrize(("setting", "receiver", "compress"), [
+    ("", "127.0.0.1:50051", False),              # auto: loopback, bytes cost less than lz4
+    ("", "localhost:50051", False),
+    ("", "[::1]:50051", False),
+    ("", "dr.example.org:50051", True),          # auto: a real link
+    ("", "10.0.0.7:50051", True),
+    ('compression = "lz4"', "127.0.0.1:50051", True),
+    ('compression = "none"', "dr.example.org:50051", False),
+])
+def test_agent_compression(tmp_path: Path, setting: str, receiver: str, compress: bool) -> None:
+    text = AGENT_OK.replace('receiver = "127.0.0.1:50051"',
+                            f'receiver = "{receiver}"\nallow_insecure = true\n{setting}')
+    assert load_agent(write(tmp_path, text)).compress() is compress
+
+
 def test_receiver_ok(tmp_path: Path) -> None:
     c = load_receiver(write(tmp_path, RECEIVER_OK))
     assert c.sources == ("app1",)
@@ -61,6 +76,8 @@ def test_receiver_ok(tmp_path: Path) -> None:
         (('path = "/srv/docs"', 'path = "srv/docs"'), "absolute"),
         (('name = "docs"', 'name = "docs"\ncolour = "red"'), "datasets[0].colour: unknown key"),
         (('block_size = "64KiB"', "block_size = true"), "block_size"),
+        (('block_size = "64KiB"', 'compression = "zstd"'), "compression: 'zstd' must be one of"),
+        (('block_size = "64KiB"', "compression = true"), "compression"),
         (('state_dir = "/var/lib/replicator/agent"', "state_dir = 5"), "state_dir"),
         (("[[datasets]]", "[[datasets]]\nname = 'docs'\ntype='directory'\npath='/x'\n[[datasets]]"),
          "used twice"),

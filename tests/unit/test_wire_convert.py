@@ -15,6 +15,7 @@ from replicator.wire.convert import (
     MAX_BLOCK_SIZE,
     MAX_FILE_SIZE,
     MAX_PATH_BYTES,
+    MAX_XATTR_NAME,
     MAX_XATTR_VALUE,
     MAX_XATTRS,
     decode_frame,
@@ -27,7 +28,7 @@ ODD = os.fsdecode(b"\x80dir/\xff\xfe.bin")    # not UTF-8: lone surrogates in th
 ODD_TARGET = os.fsdecode(b"../\xc3\xbc\xfa")  # "ü" and a byte that is not UTF-8
 ATTRS = Attrs(mode=0o100644, mtime_ns=1_700_000_000_123_456_789)
 FULL_ATTRS = Attrs(mode=0o100600, mtime_ns=-1, uid=1000, gid=100,
-                   xattrs={"user.a": b"1", "user.empty": b""})
+                   xattrs={b"user.a": b"1", b"user.empty": b"", b"user.\xff\xfe": b"odd"})
 DIGEST = bytes(range(16))
 
 
@@ -128,10 +129,21 @@ def _clear(field: str) -> Callable[[pb.Frame], None]:
 
 
 def _xattrs(n: int, key: str = "user.k", size: int = 1) -> Callable[[pb.Frame], None]:
+    """n entries in the old string-keyed map."""
     def apply(m: pb.Frame) -> None:
         m.header.attrs.has_xattrs = True
         for i in range(n):
             m.header.attrs.xattrs[f"{key}{i}" if n > 1 else key] = b"v" * size
+    return apply
+
+
+def _xattr_list(n: int, name: bytes = b"user.k", size: int = 1) -> Callable[[pb.Frame], None]:
+    """n entries in xattr_list (the same name n times unless n > 1 numbers them)."""
+    def apply(m: pb.Frame) -> None:
+        m.header.attrs.has_xattrs = True
+        for i in range(n):
+            m.header.attrs.xattr_list.add(name=name + b"%d" % i if n > 1 else name,
+                                          value=b"v" * size)
     return apply
 
 
@@ -168,6 +180,17 @@ VALID_LZ4 = Frame(1, Block(0, Codec.LZ4, 65536, b"\x1f\x00\x01\x00"))
     (VALID_FILE, _xattrs(1, key=""), "extended attribute"),
     (VALID_FILE, _xattrs(1, key="user.\0"), "extended attribute"),
     (VALID_FILE, _xattrs(1, size=MAX_XATTR_VALUE + 1), "extended attribute"),
+    (VALID_FILE, _xattr_list(MAX_XATTRS + 1), f"{MAX_XATTRS + 1} extended attributes"),
+    (VALID_FILE, lambda m: (_xattrs(MAX_XATTRS // 2 + 1)(m), _xattr_list(MAX_XATTRS // 2)(m)),
+     f"{MAX_XATTRS + 1} extended attributes"),            # counted across both fields
+    (VALID_FILE, _xattr_list(1, name=b""), "invalid"),
+    (VALID_FILE, _xattr_list(1, name=b"user.\0x"), "invalid"),
+    (VALID_FILE, _xattr_list(1, name=b"user." + b"\xff" * (MAX_XATTR_NAME - 4)),
+     f"name of {MAX_XATTR_NAME + 1} bytes"),
+    (VALID_FILE, _xattr_list(1, size=MAX_XATTR_VALUE + 1), f"value of {MAX_XATTR_VALUE + 1}"),
+    (VALID_FILE, lambda m: (_xattrs(1)(m), _xattr_list(1)(m)), "sent twice"),
+    (VALID_FILE, lambda m: (_xattr_list(1, name=b"user.\xff")(m),
+                            _xattr_list(1, name=b"user.\xff")(m)), "sent twice"),
     (Frame(1, End(DIGEST)), _set(("end.digest", b"x" * 5)), "digest of 5 bytes"),
     (VALID_FILE, _set(("header.resume_from", 3)), "resume from block 3"),  # 2 blocks
     (VALID_FILE, _set(("header.resume_from", 1), ("header.base", pb.BASE_PREVIOUS),
@@ -195,3 +218,55 @@ def test_ops_without_attributes_need_none(op: Op) -> None:
 def test_decode_frame_refuses_undecodable_bytes(payload: bytes) -> None:
     with pytest.raises(ProtocolError, match="undecodable"):
         decode_frame(payload)
+
+
+def test_xattr_names_that_are_not_utf8_travel_as_bytes_in_xattr_list() -> None:
+    # UTF-8 names stay in the map: a receiver that predates xattr_list keeps them
+    m = frame_to_pb(0, Frame(1, file_header(attrs=FULL_ATTRS))).header.attrs
+    assert m.has_xattrs
+    assert dict(m.xattrs) == {"user.a": b"1", "user.empty": b""}
+    assert [(x.name, x.value) for x in m.xattr_list] == [(b"user.\xff\xfe", b"odd")]
+
+
+@pytest.mark.parametrize(("old_map", "new_list", "expected"), [
+    ({}, [], {}),                                             # has_xattrs: clear them all
+    ({"user.a": b"1"}, [], {b"user.a": b"1"}),                # an older agent's record
+    ({"user.ü": b"1"}, [], {"user.ü".encode(): b"1"}),        # map names are UTF-8
+    ({"user.a": b"1"}, [(b"user.\xff", b"2")], {b"user.a": b"1", b"user.\xff": b"2"}),
+    ({}, [(b"user." + b"n" * (MAX_XATTR_NAME - 5), b"x" * MAX_XATTR_VALUE)],
+     {b"user." + b"n" * (MAX_XATTR_NAME - 5): b"x" * MAX_XATTR_VALUE}),  # both at the limit
+])
+def test_xattrs_are_read_from_the_old_map_and_the_list(
+        old_map: dict[str, bytes], new_list: list[tuple[bytes, bytes]],
+        expected: dict[bytes, bytes]) -> None:
+    m = frame_to_pb(0, VALID_FILE)
+    m.header.attrs.has_xattrs = True
+    for k, v in old_map.items():
+        m.header.attrs.xattrs[k] = v
+    for name, value in new_list:
+        m.header.attrs.xattr_list.add(name=name, value=value)
+    header = decode_frame(m.SerializeToString()).body
+    assert isinstance(header, Header) and header.attrs is not None
+    assert header.attrs.xattrs == expected
+
+
+def test_xattrs_absent_means_leave_them_alone() -> None:
+    header = frame_from_pb(frame_to_pb(0, VALID_FILE)).body
+    assert isinstance(header, Header) and header.attrs is not None
+    assert header.attrs.xattrs is None
+
+
+@pytest.mark.parametrize(("name", "in_map"), [
+    (b"user.a", True),
+    ("user.ü".encode(), True),
+    (b"user.\xff", False),             # not UTF-8 at all
+    (b"user.\xc3", False),             # a truncated sequence
+    (b"user.\xed\xa0\x80", False),     # an encoded surrogate, which UTF-8 forbids
+])
+def test_every_xattr_name_round_trips_exactly(name: bytes, in_map: bool) -> None:
+    frame = Frame(1, file_header(attrs=Attrs(mode=0o100644, mtime_ns=0,
+                                             xattrs={name: b"v"})))
+    m = frame_to_pb(0, frame)
+    assert (len(m.header.attrs.xattrs), len(m.header.attrs.xattr_list)) == (
+        (1, 0) if in_map else (0, 1))
+    assert decode_frame(m.SerializeToString()) == frame

@@ -147,9 +147,11 @@ def _zero_with_one_byte(pos: int) -> bytes:
 ])
 @pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview])
 def test_encode_decode_round_trip(data: bytes, codec: Codec, wrap: type) -> None:
-    got_codec, payload = encode_block(wrap(data))
+    given = wrap(data)
+    got_codec, payload = encode_block(given)
     assert got_codec == codec
-    assert isinstance(payload, bytes)
+    # a view of immutable bytes travels as it is; anything that could change is copied
+    assert isinstance(payload, bytes) or (payload is given and isinstance(given.obj, bytes))
     if codec == Codec.ZERO:
         assert payload == b""
     elif codec == Codec.RAW:
@@ -157,6 +159,29 @@ def test_encode_decode_round_trip(data: bytes, codec: Codec, wrap: type) -> None
     else:
         assert len(payload) * 8 < len(data) * 7
     assert decode_block(got_codec, len(data), payload, BS) == data
+
+
+@pytest.mark.parametrize("data, codec", [
+    (bytes(BS), Codec.ZERO),         # holes stay holes without compression too
+    (_text(BS), Codec.RAW),
+    (os.urandom(BS), Codec.RAW),
+])
+def test_encode_without_compression_ships_data_raw(data: bytes, codec: Codec) -> None:
+    got_codec, payload = encode_block(memoryview(data), compress=False)
+    assert got_codec == codec
+    assert bytes(payload) == (b"" if codec == Codec.ZERO else data)
+    assert decode_block(got_codec, len(data), payload, BS) == data
+
+
+def test_raw_payload_of_a_bytes_view_is_not_copied() -> None:
+    chunk = os.urandom(2 * BS)
+    view = memoryview(chunk)[BS:]
+    codec, payload = encode_block(view)
+    assert codec == Codec.RAW and payload is view
+    mutable = bytearray(chunk)
+    codec, payload = encode_block(memoryview(mutable)[BS:])
+    mutable[BS] ^= 0xFF                # the caller reuses its buffer: the payload stays
+    assert codec == Codec.RAW and payload == chunk[BS:]
 
 
 def test_encode_compression_threshold() -> None:

@@ -81,6 +81,9 @@ def read(m: Mirror, path: str) -> bytes:
         os.close(fd)
 
 
+ODD_XATTR = b"user.\xff\xfeodd"  # not UTF-8: only bytes can name it
+
+
 def xattrs_supported(path: Path) -> bool:
     try:
         os.setxattr(path, "user.probe", b"1")
@@ -205,10 +208,10 @@ def test_symlink_targets_no_symlink_can_hold_are_refused(mirror: Mirror, target:
         Attrs(mode=0o644, mtime_ns=0, uid=-1),
         Attrs(mode=0o644, mtime_ns=0, gid=2**32),
         Attrs(mode=0o644, mtime_ns=2**64),
-        Attrs(mode=0o644, mtime_ns=0, xattrs={"": b""}),
-        Attrs(mode=0o644, mtime_ns=0, xattrs={"user.a\0b": b""}),
-        Attrs(mode=0o644, mtime_ns=0, xattrs={"user." + "x" * 300: b""}),
-        Attrs(mode=0o644, mtime_ns=0, xattrs={"user.big": b"x" * 70_000}),
+        Attrs(mode=0o644, mtime_ns=0, xattrs={b"": b""}),
+        Attrs(mode=0o644, mtime_ns=0, xattrs={b"user.a\0b": b""}),
+        Attrs(mode=0o644, mtime_ns=0, xattrs={b"user." + b"x" * 300: b""}),
+        Attrs(mode=0o644, mtime_ns=0, xattrs={b"user.big": b"x" * 70_000}),
     ],
 )
 def test_attributes_the_kernel_would_misread_are_refused(mirror: Mirror, attrs: Attrs) -> None:
@@ -418,11 +421,13 @@ def test_stage_copy_refuses_what_is_not_a_regular_file(mirror: Mirror, outside: 
 def test_stage_copy_keeps_xattrs(mirror: Mirror) -> None:
     if not xattrs_supported(mirror.staging_dir):
         pytest.skip("no user xattrs on this file system")
-    put(mirror, "f", b"data", Attrs(mode=0o644, mtime_ns=NS, xattrs={"user.k": b"v"}))
+    put(mirror, "f", b"data", Attrs(mode=0o644, mtime_ns=NS,
+                                    xattrs={b"user.k": b"v", ODD_XATTR: b"odd"}))
     fd, staged = mirror.stage_copy("f")
     try:
-        assert os.listxattr(fd) == ["user.k"]
+        assert sorted(map(os.fsencode, os.listxattr(fd))) == [b"user.k", ODD_XATTR]
         assert os.getxattr(fd, "user.k") == b"v"
+        assert os.getxattr(fd, ODD_XATTR) == b"odd"
     finally:
         os.close(fd)
         mirror.discard_staged(staged)
@@ -698,11 +703,14 @@ def test_xattrs_are_set_and_others_removed(mirror: Mirror, kind: str) -> None:
         mirror.mkdir("p", DIR_ATTRS)
     target = mirror.root / "p"
 
-    mirror.set_attrs("p", Attrs(mode, NS, xattrs={"user.a": b"1", "user.b": b"\x00\xff"}))
-    assert sorted(os.listxattr(target)) == ["user.a", "user.b"]
+    mirror.set_attrs("p", Attrs(mode, NS, xattrs={b"user.a": b"1", b"user.b": b"\x00\xff",
+                                                  ODD_XATTR: b"odd"}))
+    assert sorted(map(os.fsencode, os.listxattr(target))) == [b"user.a", b"user.b", ODD_XATTR]
     assert os.getxattr(target, "user.b") == b"\x00\xff"
+    assert os.getxattr(target, ODD_XATTR) == b"odd"
 
-    mirror.set_attrs("p", Attrs(mode, NS, xattrs={"user.b": b"2"}))
+    # one whose name is not UTF-8 is removed like any other
+    mirror.set_attrs("p", Attrs(mode, NS, xattrs={b"user.b": b"2"}))
     assert os.listxattr(target) == ["user.b"]
     assert os.getxattr(target, "user.b") == b"2"
 
@@ -718,7 +726,7 @@ def test_xattrs_are_set_and_others_removed(mirror: Mirror, kind: str) -> None:
 def test_xattrs_on_a_staged_fd(mirror: Mirror) -> None:
     if not xattrs_supported(mirror.staging_dir):
         pytest.skip("no user xattrs on this file system")
-    put(mirror, "f", b"x", Attrs(stat.S_IFREG | 0o640, NS, xattrs={"user.k": b"v"}))
+    put(mirror, "f", b"x", Attrs(stat.S_IFREG | 0o640, NS, xattrs={b"user.k": b"v"}))
     p = mirror.root / "f"
     assert os.getxattr(p, "user.k") == b"v"
     assert p.lstat().st_mtime_ns == NS
@@ -733,7 +741,7 @@ def test_xattrs_skipped_where_unsupported(
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(os, "listxattr", unsupported)
-    mirror.set_attrs("f", Attrs(stat.S_IFREG | 0o600, NS, xattrs={"user.k": b"v"}))
+    mirror.set_attrs("f", Attrs(stat.S_IFREG | 0o600, NS, xattrs={b"user.k": b"v"}))
     st = (mirror.root / "f").lstat()
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == NS
 

@@ -29,7 +29,8 @@ from replicator.receiver.mirror import INCOMING_PREFIX
 from replicator.receiver.partial import HASHES_SUFFIX, RECORD_NAME, STORE_DIR, new_hashes
 from replicator.receiver.session import Session
 from replicator.wire import pb
-from replicator.wire.convert import batch_message_size, frame_to_pb
+from replicator.wire.convert import frame_to_pb
+from replicator.wire.stream import RawBatch
 from tests.unit.receiver.test_applier import BS, data, delete, hashes_of, new_file
 
 STAGE_MIN = 64 << 10   # small for the tests; records from here on are staged
@@ -64,10 +65,11 @@ class Env:
 
     def send(self, *frames: Frame) -> None:
         """One batch through the session's frame work and group commit."""
-        batch = pb.Batch()
+        m = pb.AgentMessage()
+        m.batch.SetInParent()
         for f in frames:
-            frame_to_pb(0, f, batch.frames.add())
-        touched, error = self.session._ingest([batch])
+            frame_to_pb(0, f, m.batch.frames.add())
+        touched, error = self.session._ingest([RawBatch(m.SerializeToString())])
         if error is not None:
             raise error
 
@@ -592,7 +594,7 @@ async def test_batches_that_wait_for_the_worker_share_one_group_commit(env: Env)
     await env.session._read(stream())
     assert syncs == [1, 10]
     assert env.ds.flushed_lsn == 10
-    assert env.session._stream_bytes == sum(batch_message_size(b.batch) for b in batches)
+    assert env.session._stream_bytes == sum(b.ByteSize() for b in batches)
     env.apply()
     for i in range(1, 11):
         assert (env.ds.mirror.root / f"f{i}").read_bytes() == data(100, i)
