@@ -60,7 +60,7 @@ class ReceiverDataset:
         # a big new file the last stream broke off, kept for the next one (session only),
         # and where it is saved so that a restart can continue it too
         self.partial: Partial | None = None
-        self.partials = PartialStore(state_dir / STORE_DIR, self.mirror)
+        self.partials = PartialStore(state_dir / STORE_DIR, self.mirror, self.label)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -79,7 +79,7 @@ class ReceiverDataset:
         """Recover: replay what is journaled beyond the durable applied LSN, keeping the
         staged file of a saved partial record that is the next one (see `partial`)."""
         self.journal.open(self.applier.applied_lsn)
-        self.partial = self.partials.load(self.journal.flushed_lsn + 1, self.label)
+        self.partial = self.partials.load(self.journal.flushed_lsn + 1)
         self.applier.recover(keep_incoming=self.partial.staged if self.partial else "")
         self.journal.release(self.applier.applied_lsn)
         log.info("dataset opened dataset=%s applied_lsn=%d flushed_lsn=%d", self.label,
@@ -110,6 +110,7 @@ class ReceiverDataset:
         if self.partial is not None:
             self.partial.close()  # its file and saved state stay for the next start
             self.partial = None
+        self.partials.close()  # a save under way finishes first: it uses the mirror
         self.journal.close()
         self.mirror.close()
         self.manifest.close()

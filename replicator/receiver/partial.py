@@ -32,6 +32,7 @@ record being received).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -96,8 +97,8 @@ class Partial:
     def discard(self, mirror: Mirror, label: str, reason: str) -> None:
         """Forgets the saved state, closes and deletes the staged file. Call once."""
         self.close()
-        if self.store is not None and self.store.staged == self.staged:
-            self.store.clear()  # first: a saved state never names a file that is gone
+        if self.store is not None:
+            self.store.forget(self.staged)  # first: no saved state names a file that is gone
         mirror.discard_staged(self.staged)
         log.info("partial record dropped dataset=%s lsn=%d path=%r reason=%s", label,
                  self.lsn, self.header.path, reason)
@@ -126,16 +127,25 @@ class _Unusable(Exception):
 class PartialStore:
     """One dataset's partial record on disk (see the module docstring).
 
-    Holds at most one record: saving another one replaces it. Calls may come from the
-    session's worker thread and from the event loop; a lock serialises them.
+    Holds at most one record: saving another one replaces it. `save_soon` saves in the
+    store's own thread, so that the session's worker never waits for the disk while a
+    file arrives; `save` saves at once. Calls may come from the session's worker thread
+    and from the event loop; a lock serialises what they change, and a save that was
+    overtaken (the record cleared, replaced or saved further meanwhile) writes nothing.
     """
 
-    def __init__(self, directory: Path, mirror: Mirror) -> None:
+    def __init__(self, directory: Path, mirror: Mirror, label: str) -> None:
         self.directory = Path(directory)
         self.mirror = mirror
+        self.label = label
         self._lock = threading.Lock()
         self._staged = ""   # the staged file whose record is saved, "" if none
         self._saved = 0     # ...and how many of its blocks
+        self._version = 0   # moves whenever the two above do: a save in the thread checks it
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running: concurrent.futures.Future[None] | None = None
+        self._saving = ""   # the staged file whose save is under way in the thread
+        self._failed = ""   # the staged file whose save in the thread failed (said once)
 
     @property
     def staged(self) -> str:
@@ -152,41 +162,109 @@ class PartialStore:
         durable and saves them as its resumable part. Raises OSError; what was saved
         before stays valid, since nothing it counts is ever rewritten."""
         with self._lock:
-            if staged == self._staged and blocks <= self._saved:
+            start = self.saved_blocks(staged)
+            if blocks <= start:
                 return
             os.fdatasync(fd)  # first the data, so that nothing counted is not durable
-            name = os.path.basename(staged)
-            hashes_path = self.directory / (name + HASHES_SUFFIX)
-            if staged != self._staged:
-                self._clear()
-                if not self.directory.is_dir():
-                    self.directory.mkdir()
-                    fsync_dir(self.directory.parent)
-                self.mirror.sync_staging()  # the staged file's name is durable too
-                hfd = os.open(hashes_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                              0o600)
-                fsync_dir(self.directory)  # the hashes file exists before a record names it
-                start = 0
-            else:
-                hfd = os.open(hashes_path, os.O_WRONLY | os.O_CLOEXEC)
-                start = self._saved
-            try:
-                pwrite_all(hfd, memoryview(hashes)[start * HASH_SIZE:blocks * HASH_SIZE],
-                            start * HASH_SIZE)
-                os.fdatasync(hfd)
-            finally:
-                os.close(hfd)
-            self._write_record(_encode(lsn, header, name, blocks))
-            self._staged, self._saved = staged, blocks
+            self._write(lsn, header, staged, start,
+                        bytes(hashes[start * HASH_SIZE:blocks * HASH_SIZE]), blocks)
 
-    def clear(self) -> None:
-        """Forgets the saved record (not its staged file, which may be the journal's now).
-        No fsync: a record left behind by a crash is dropped at load, as it names a
-        record that is no longer the next one or a staged file that is gone."""
+    def save_soon(self, lsn: int, header: Header, fd: int, staged: str, hashes: bytearray,
+                  blocks: int) -> None:
+        """As `save`, but in the store's thread, and not at all while a save is under way
+        there (the next call saves what this one would have) or after one of this staged
+        file failed. Never blocks on the disk; the hashes are copied, the fd duplicated,
+        so the caller may go on writing and even close the file meanwhile."""
         with self._lock:
-            self._clear()
+            start = self.saved_blocks(staged)
+            if (blocks <= start or staged == self._failed
+                    or (self._running is not None and not self._running.done())):
+                return
+            version = self._version
+            self._saving = staged
+            chunk = bytes(hashes[start * HASH_SIZE:blocks * HASH_SIZE])
+            dup = os.dup(fd)
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix=f"save {self.label}")
+            self._running = self._pool.submit(self._save_later, version, lsn, header, dup,
+                                              staged, start, chunk, blocks)
 
-    def load(self, next_lsn: int, label: str) -> Partial | None:
+    def wait(self) -> None:
+        """Waits for the save under way in the store's thread, if any."""
+        running = self._running
+        if running is not None:
+            concurrent.futures.wait([running])
+
+    def close(self) -> None:
+        """Waits for the save under way and stops the store's thread. Safe to call twice."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _save_later(self, version: int, lsn: int, header: Header, fd: int, staged: str,
+                    start: int, chunk: bytes, blocks: int) -> None:
+        try:
+            try:
+                os.fdatasync(fd)  # the slow part, outside the lock
+            finally:
+                os.close(fd)
+            with self._lock:
+                self._saving = ""
+                if self._version != version:
+                    return  # overtaken: cleared, replaced, or saved further already
+                self._write(lsn, header, staged, start, chunk, blocks)
+        except OSError as e:
+            # the record goes on (a failing disk fails its own writes soon enough); a
+            # restart merely resumes from an earlier save
+            self._failed = staged
+            log.warning("partial record not saved dataset=%s lsn=%d error=%s", self.label,
+                        lsn, e.strerror or e)
+            return
+        log.debug("partial record saved dataset=%s lsn=%d blocks=%d", self.label, lsn, blocks)
+
+    def _write(self, lsn: int, header: Header, staged: str, start: int, chunk: bytes,
+               blocks: int) -> None:
+        """Saves blocks start..blocks-1 (hashes `chunk`), durable in the staged file
+        already, on top of the first `start` saved before. Lock held."""
+        name = os.path.basename(staged)
+        hashes_path = self.directory / (name + HASHES_SUFFIX)
+        if start == 0:
+            self._clear()
+            if not self.directory.is_dir():
+                self.directory.mkdir()
+                fsync_dir(self.directory.parent)
+            self.mirror.sync_staging()  # the staged file's name is durable too
+            hfd = os.open(hashes_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                          0o600)
+            fsync_dir(self.directory)  # the hashes file exists before a record names it
+        else:
+            hfd = os.open(hashes_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pwrite_all(hfd, chunk, start * HASH_SIZE)
+            os.fdatasync(hfd)
+        finally:
+            os.close(hfd)
+        self._write_record(_encode(lsn, header, name, blocks))
+        self._staged, self._saved = staged, blocks
+        self._version += 1
+
+    def forget(self, staged: str) -> None:
+        """Forgets the saved record if it is staged file `staged`'s (saved or being saved);
+        never the staged file itself, which may be the journal's now. No fsync: a record
+        left behind by a crash is dropped at load, as it names a record that is no longer
+        the next one or a staged file that is gone."""
+        with self._lock:
+            if staged and staged in (self._staged, self._saving):
+                self._clear()
+
+    def keep_only(self, staged: str) -> None:
+        """Forgets the saved record unless it is staged file `staged`'s ("": any)."""
+        with self._lock:
+            if any(s and s != staged for s in (self._staged, self._saving)):
+                self._clear()
+
+    def load(self, next_lsn: int) -> Partial | None:
         """The saved record as a Partial with its staged file open, if it is record
         `next_lsn` and checks out; otherwise drops it (its staged file is then recovery's
         to delete) and returns None. Call once, before recovery, at start."""
@@ -197,11 +275,11 @@ class PartialStore:
                 self._clear()  # hashes a crash left without a record
                 return None
             try:
-                return self._restore(raw, next_lsn, label)
+                return self._restore(raw, next_lsn)
             except _Unusable as e:
-                log.info("partial record dropped dataset=%s reason=%s", label, e)
+                log.info("partial record dropped dataset=%s reason=%s", self.label, e)
             except OSError as e:  # the file is sent whole: no reason to keep the dataset shut
-                log.warning("partial record dropped dataset=%s error=%s", label,
+                log.warning("partial record dropped dataset=%s error=%s", self.label,
                             e.strerror or e)
             with contextlib.suppress(OSError):
                 self._clear()
@@ -209,7 +287,7 @@ class PartialStore:
 
     # ---- internals (lock held) ----
 
-    def _restore(self, raw: bytes, next_lsn: int, label: str) -> Partial:
+    def _restore(self, raw: bytes, next_lsn: int) -> Partial:
         lsn, header, name, blocks = _decode(raw)
         if lsn != next_lsn:
             raise _Unusable("not_the_next_record")
@@ -241,7 +319,8 @@ class PartialStore:
         hashes = new_hashes(header)
         hashes[:want] = saved
         self._staged, self._saved = staged, blocks
-        log.info("partial record restored dataset=%s lsn=%d path=%r blocks=%d of=%d", label,
+        self._version += 1
+        log.info("partial record restored dataset=%s lsn=%d path=%r blocks=%d of=%d", self.label,
                  lsn, header.path, blocks, block_count(header.size, header.block_size))
         return Partial(lsn, header, fd, staged, hashes, blocks, 0, self)
 
@@ -259,6 +338,7 @@ class PartialStore:
 
     def _clear(self) -> None:
         self._staged, self._saved = "", 0
+        self._version += 1
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(self.directory / RECORD_NAME)  # first: then nothing names the rest
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):

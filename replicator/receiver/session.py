@@ -191,7 +191,6 @@ class Session:
         self._closing = False
         self._malformed = False  # a bad frame ended the stream: keep no partial record
         self._released: asyncio.Future[None] | None = None  # release_open, once
-        self._unsaved: set[str] = set()  # staged files whose progress could not be saved
 
     async def run(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
@@ -404,32 +403,20 @@ class Session:
 
     def _save_partials(self, touched: set[int]) -> None:
         """After a group commit: saves the progress of each big new file being received
-        every SAVE_EVERY_BYTES (for a restart to continue it), and forgets a saved one
-        whose record is over (journaled, aborted or replaced), its END now durable."""
+        every SAVE_EVERY_BYTES (for a restart to continue it; in the store's thread, so
+        that the blocks keep coming meanwhile), and forgets a saved one whose record is
+        over (journaled, aborted or replaced), its END now durable."""
         for i in touched:
             ds, open_ = self.datasets[i], self._open[i]
             store = ds.partials
-            if store.staged and ds.partial is None and (open_ is None
-                                                        or open_.staged != store.staged):
-                store.clear()
+            if ds.partial is None:
+                store.keep_only(open_.staged if open_ is not None and open_.fd >= 0 else "")
             if open_ is None or not open_.resumable():
                 continue
             saved = store.saved_blocks(open_.staged)
-            if ((open_.upto - saved) * open_.header.block_size < SAVE_EVERY_BYTES
-                    or open_.staged in self._unsaved):
-                continue
-            try:
-                store.save(open_.lsn, open_.header, open_.fd, open_.staged, open_.hashes,
-                           open_.upto)
-            except OSError as e:
-                # the record goes on (a failing disk fails its own writes soon enough); a
-                # restart merely resumes from an earlier save. Said once per record.
-                self._unsaved.add(open_.staged)
-                log.warning("partial record not saved dataset=%s lsn=%d error=%s", ds.label,
-                            open_.lsn, e.strerror or e)
-                continue
-            log.debug("partial record saved dataset=%s lsn=%d blocks=%d", ds.label,
-                      open_.lsn, open_.upto)
+            if (open_.upto - saved) * open_.header.block_size >= SAVE_EVERY_BYTES:
+                store.save_soon(open_.lsn, open_.header, open_.fd, open_.staged,
+                                open_.hashes, open_.upto)
 
     async def quiesce(self) -> None:
         """Stops taking frames and waits for the batch in the worker thread to finish."""
@@ -549,8 +536,7 @@ class Session:
             partial = None if self._malformed else open_.partial(ds.partials)
             if partial is None:
                 os.close(open_.fd)
-                if ds.partials.staged == open_.staged:
-                    ds.partials.clear()
+                ds.partials.forget(open_.staged)
                 ds.mirror.discard_staged(open_.staged)
                 continue
             if ds.partial is not None:
