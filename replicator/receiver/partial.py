@@ -17,7 +17,8 @@ of the staged file, appended to as the count grows. Only blocks that are durable
 counted: a save fdatasyncs the staged file, then writes and fdatasyncs the new hashes,
 then replaces `record` (temp file, fsync, rename, fsync of the directory). The session
 saves while the file arrives, every SAVE_EVERY_BYTES (so a kill -9 of the receiver costs
-at most that much again), and when the stream breaks. At start the dataset loads it
+at most that much again), in the store's own thread so that receiving never waits for
+those syncs, and when the stream breaks. At start the dataset loads it
 before recovery, which then keeps that staged file; the staged file is cut back to the
 counted blocks (whatever lies beyond may not be durable, and a hole the agent does not
 resend must read as zeros), and the hashes are read back from disk, never trusted from a
