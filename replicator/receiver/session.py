@@ -412,6 +412,10 @@ class Session:
             if ds.partial is None:
                 store.keep_only(open_.staged if open_ is not None and open_.fd >= 0 else "")
             if open_ is None or not open_.resumable():
+                if open_ is not None and not open_.ascending:
+                    # a block below the saved ones was rewritten: they no longer match
+                    # their hashes, and no restart may continue from them
+                    store.forget(open_.staged)
                 continue
             saved = store.saved_blocks(open_.staged)
             if (open_.upto - saved) * open_.header.block_size >= SAVE_EVERY_BYTES:

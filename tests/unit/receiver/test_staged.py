@@ -397,6 +397,18 @@ def test_a_save_that_fails_does_not_stop_the_record(
     assert env.read("f") == content
 
 
+def test_blocks_out_of_order_after_a_save_forget_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:10]))
+    env.ds.partials.wait()
+    assert saved_state(env) != []
+    env.send(Frame(1, r.blocks[2]))  # below the saved blocks: they are no longer trusted
+    env.crash()
+    assert env.ds.partial is None and saved_state(env) == [] and env.incoming() == []
+
+
 def _rewrite_record(env: Env, lsn: int) -> None:
     path = env.root / "state" / STORE_DIR / RECORD_NAME
     _, header, name, blocks = partial_mod._decode(path.read_bytes())
