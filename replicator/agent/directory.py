@@ -66,7 +66,7 @@ from replicator.agent.unapplied import Unapplied
 from replicator.agent.watcher import RESCAN, Watcher
 from replicator.config import DatasetConfig
 from replicator.core.blocks import block_count
-from replicator.core.records import Attrs, Base, End, Frame, Header, Op
+from replicator.core.records import Attrs, Base, Block, End, Frame, Header, Op, Whole
 from replicator.errors import SourceUnsafe, StateUnwritable
 from replicator.wire import pb
 
@@ -841,8 +841,8 @@ class DirectorySource:
             break
         header = self._file_header(path, attrs, state.size, entry, first_seen, raw_bytes)
         lsn = self._begin(first_seen)
-        await self._ship(generation, [Frame(lsn, header), *(Frame(lsn, b) for b in blocks),
-                                      Frame(lsn, End(digest=state.digest))])
+        await self._ship(generation, self._frames(lsn, header, blocks,
+                                                  End(digest=state.digest)))
         self._file_sent(lsn, path, st0, xdigest, state, raw_bytes)
 
     async def _send_file(self, generation: int, path: str, entry: Entry | None,
@@ -935,8 +935,15 @@ class DirectorySource:
 
     async def _send(self, generation: int, header: Header, mutations: list[Mutation]) -> None:
         lsn = self._begin(header.first_seen)
-        await self._ship(generation, [Frame(lsn, header), Frame(lsn, End())])
+        await self._ship(generation, self._frames(lsn, header, [], End()))
         self._end(lsn, mutations)
+
+    def _frames(self, lsn: int, header: Header, blocks: list[Block], end: End) -> list[Frame]:
+        """A small record's frames: one whole-record frame where the receiver takes it
+        (one frame and one journal entry instead of three), else header, blocks, end."""
+        if self.link.whole_records:
+            return [Frame(lsn, Whole(header, tuple(blocks), end))]
+        return [Frame(lsn, header), *(Frame(lsn, b) for b in blocks), Frame(lsn, end)]
 
     async def _ship(self, generation: int, frames: list[Frame]) -> None:
         """Sends the frames of the current record; on failure there is no current record."""

@@ -31,7 +31,7 @@ import grpc
 from replicator import __version__
 from replicator.core.records import Frame
 from replicator.errors import StateUnwritable
-from replicator.wire import PROTOCOL_VERSION, pb
+from replicator.wire import CAPABILITY_RECORDS, PROTOCOL_VERSION, pb
 from replicator.wire.framing import Buffer, batch_message, encode_frame, parts_size
 from replicator.wire.stream import agent_stream
 
@@ -103,6 +103,8 @@ class Link:
         self.batch_bytes = batch_bytes
         self.endpoints: list[Endpoint] = []
         self.generation = 0
+        # the receiver takes a small record as one frame (its Welcome said "records")
+        self.whole_records = False
         self.connected = asyncio.Event()
         self.last_error: str | None = None
         self.bytes_sent = 0              # wire bytes of all streams, for metrics
@@ -201,6 +203,7 @@ class Link:
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
                 raise ConnectionError("the receiver did not answer the hello")
             self.generation += 1
+            self.whole_records = CAPABILITY_RECORDS in first.welcome.capabilities
             self._sent = self._acked = 0
             self._queue.clear()
             self._queued_bytes = 0

@@ -115,13 +115,14 @@ class _DataMap:
     """Where a file's data lies, asked about ascending, non-overlapping byte ranges.
 
     Holds one data extent [data, hole) and asks the kernel again only once a query
-    starts past it: two lseeks per extent, so a dense file costs two in all.
+    starts past it: two lseeks per extent, so a dense file costs two in all, and one whose
+    allocated blocks cover its size (`dense`: it cannot have holes) none.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, dense: bool = False) -> None:
         self._fd = fd
         self._data = 0
-        self._hole = 0
+        self._hole = _NO_OFFSET if dense else 0
 
     def has_data(self, start: int, end: int) -> bool:
         if start >= self._hole:
@@ -195,7 +196,8 @@ class FileReader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _not_regular(self._path, st.st_mode)
-            if hasattr(os, "posix_fadvise"):
+            if st.st_size > chunk_size and hasattr(os, "posix_fadvise"):
+                # read-ahead pays for files read in several chunks, not for a small one
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(fd)
@@ -280,7 +282,10 @@ class FileReader:
         bs, size = self._block_size, self._st.st_size
         nblocks = block_count(size, bs)
         per_chunk = self._blocks_per_chunk
-        datamap = _DataMap(self._fd)
+        # allocated blocks covering the size: no holes to look for (preallocated space
+        # past the end can hide a hole here; it is then read as zeros, which hash and
+        # ship exactly as a hole does)
+        datamap = _DataMap(self._fd, dense=self._st.st_blocks * 512 >= size)
         hashes = self._hashes
         for first in range(0, nblocks, per_chunk):
             last = min(first + per_chunk, nblocks)

@@ -2,8 +2,9 @@
 
 Each dataset has its own gap-free sequence of records numbered by the agent (LSNs start
 at 1). On the wire and in the receiver's journal a record is a sequence of frames of one
-LSN: one `Header`, zero or more `Block`s (OP_FILE only), one `End`. The receiver shows all
-of a record in the mirror or none of it.
+LSN: one `Header`, zero or more `Block`s (OP_FILE only), one `End`; or, for a small
+record, one `Whole` frame holding all of them. The receiver shows all of a record in the
+mirror or none of it.
 
 These are the core types; `replicator.wire` converts them to and from protobuf.
 """
@@ -79,7 +80,16 @@ class End:
     aborted: bool = False        # the record is void: the source changed while it was read
 
 
-Body = Header | Block | End
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A whole record in one frame: its header, blocks and end, for small records."""
+
+    header: Header
+    blocks: tuple[Block, ...]
+    end: End
+
+
+Body = Header | Block | End | Whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +117,7 @@ class Record:
         out.extend(Frame(self.lsn, b) for b in self.blocks)
         out.append(Frame(self.lsn, self.end))
         return out
+
+    def whole(self) -> Frame:
+        """The record as one frame (for a receiver with the capability "records")."""
+        return Frame(self.lsn, Whole(self.header, tuple(self.blocks), self.end))

@@ -70,7 +70,7 @@ from replicator.core.blocks import (
     zero_hash,
 )
 from replicator.core.paths import encode_name, quote_path
-from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op
+from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op, Whole
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
 from replicator.receiver.journal import EntryKind, Journal, JournalCorrupt, decode_staged
 from replicator.receiver.manifest import Manifest, ManifestEntry
@@ -112,7 +112,7 @@ class _RecordReader:
 
     The journal is the receiver's own, but it holds what the wire sent: every frame is
     decoded and checked again, and the entry sequence must be HEADER, BLOCK*, END per LSN
-    with no gaps.
+    (or one RECORD holding them) with no gaps.
     """
 
     def __init__(self, entries: Iterable[object], first_lsn: int) -> None:
@@ -120,6 +120,7 @@ class _RecordReader:
         self._next_lsn = first_lsn
         self.lsn = 0
         self._end: End | None = None
+        self._whole: tuple[Block, ...] | None = None  # the blocks of a RECORD entry
         self._pushed: object | None = None
         # the current record's staged file (base name) and block hashes, if it has one
         self.staged_name = b""
@@ -169,19 +170,27 @@ class _RecordReader:
         lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
         self.staged_name = b""
         self._staged_hashes = bytearray()
-        if lsn != self._next_lsn or kind != EntryKind.HEADER:
+        if lsn != self._next_lsn or kind not in (EntryKind.HEADER, EntryKind.RECORD):
             raise ProtocolError(f"journal: expected the header of LSN {self._next_lsn}, "
                                 f"found entry kind {int(kind)} of LSN {lsn}")
         frame = decode_frame(entry.payload)  # type: ignore[attr-defined]
-        if frame.lsn != lsn or not isinstance(frame.body, Header):
-            raise ProtocolError(f"journal: entry of LSN {lsn} does not hold its header")
+        body = frame.body
         self.lsn = lsn
         self._next_lsn = lsn + 1
         self._end = None
-        return frame.body
+        self._whole = None
+        if frame.lsn == lsn and kind == EntryKind.RECORD and isinstance(body, Whole):
+            self._whole, self._end = body.blocks, body.end
+            return body.header
+        if frame.lsn != lsn or kind != EntryKind.HEADER or not isinstance(body, Header):
+            raise ProtocolError(f"journal: entry of LSN {lsn} does not hold its header")
+        return body
 
     def blocks(self) -> Iterator[Block]:
         """The current record's blocks, up to its End (which `end()` then returns)."""
+        if self._whole is not None:
+            yield from self._whole
+            return
         while (entry := self._next()) is not None:
             lsn, kind = entry.lsn, entry.kind  # type: ignore[attr-defined]
             if lsn == self.lsn and kind == EntryKind.STAGED:

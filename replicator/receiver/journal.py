@@ -1,11 +1,12 @@
 """The receiver's journal: an append-only, segmented, checksummed log of one dataset's frames.
 
-A record (one LSN) is a HEADER entry, BLOCK entries and an END entry; the journal stores each
-frame as an opaque payload tagged with its LSN and kind. A big new file's blocks are not
+A record (one LSN) is a HEADER entry, BLOCK entries and an END entry, or one RECORD entry
+holding all of them (a small record sent as one frame); the journal stores each frame as an
+opaque payload tagged with its LSN and kind. A big new file's blocks are not
 journaled: the session writes them into a staged file and journals STAGED entries (the
 staged file's name and block hashes, see the session) between the HEADER and the END.
 Records never interleave and their LSNs increase by exactly one. A record counts once its
-END is appended (`written_lsn`) and once that END is durable (`flushed_lsn`): `sync()` makes
+END (or RECORD) is appended (`written_lsn`) and once that is durable (`flushed_lsn`): `sync()` makes
 everything appended so far durable with one fdatasync, which is the group commit the
 session acknowledges after.
 
@@ -86,6 +87,7 @@ class EntryKind(enum.IntEnum):
     BLOCK = 2
     END = 3
     STAGED = 4  # a staged file's name and block hashes, in place of BLOCKs
+    RECORD = 5  # a whole (small) record in one entry: HEADER, BLOCKs and END in one
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,16 +336,18 @@ class Journal:
 
         A HEADER starts the next record (LSN written_lsn + 1; any LSN beyond written_lsn
         for the first record of a fresh journal) when no record is open; BLOCK and END
-        continue the open record with its LSN; END closes it.
+        continue the open record with its LSN; END closes it. A RECORD is a whole record:
+        it starts and closes one.
         """
         kind = EntryKind(kind)
+        starts = kind is EntryKind.HEADER or kind is EntryKind.RECORD
         n = len(payload)
         if n > MAX_PAYLOAD:
             raise ValueError(f"payload of {n} bytes at LSN {lsn} exceeds {MAX_PAYLOAD}")
         with self._lock:
             self._check_usable()
             try:
-                if kind is EntryKind.HEADER:
+                if starts:
                     if self._open_lsn is not None:
                         raise ValueError(f"header of LSN {lsn} while LSN {self._open_lsn} "
                                          "is still open")
@@ -361,7 +365,7 @@ class Journal:
                     raise ValueError(f"{kind.name} entry of LSN {lsn} inside record "
                                      f"{self._open_lsn}")
                 self._write_entry(kind, lsn, payload)
-                if kind is EntryKind.END:
+                if kind is EntryKind.END or kind is EntryKind.RECORD:
                     self._index[lsn] = (self._seg, self._open_start, self._disk + self._fill)
                     self.written_lsn = lsn
                     self._open_lsn = None
@@ -779,7 +783,7 @@ class Journal:
                         return good, last, _Bad(start, "unterminated record")
                     return good, last, None
                 kind, lsn, _ = item
-                if kind is EntryKind.HEADER:
+                if kind is EntryKind.HEADER or kind is EntryKind.RECORD:
                     if open_lsn is not None or lsn != expected:
                         return good, last, _Bad(at, f"header of LSN {lsn} out of order")
                     if upto is not None and lsn > upto:
@@ -787,7 +791,7 @@ class Journal:
                     open_lsn, start = lsn, at
                 elif lsn != open_lsn:
                     return good, last, _Bad(at, f"{kind.name} of LSN {lsn} out of order")
-                elif kind is EntryKind.END:
+                if kind is EntryKind.END or kind is EntryKind.RECORD:
                     good, last, expected, open_lsn = reader.offset, lsn, lsn + 1, None
                     if lsn > applied_lsn:
                         self._index[lsn] = (seg, start, good)

@@ -57,14 +57,14 @@ from replicator.core.blocks import (
     zero_hash,
 )
 from replicator.core.paths import encode_name, split_relpath
-from replicator.core.records import Base, Block, Codec, End, Header, Op
+from replicator.core.records import Base, Block, Codec, End, Header, Op, Whole
 from replicator.errors import PathRefused, ProtocolError
 from replicator.lag import AgentLag, ClockOffset
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, encode_staged
 from replicator.receiver.mirror import start_writeback
 from replicator.receiver.partial import SAVE_EVERY_BYTES, Partial, PartialStore, new_hashes
-from replicator.wire import PROTOCOL_VERSION, pb
+from replicator.wire import CAPABILITY_RECORDS, PROTOCOL_VERSION, pb
 from replicator.wire.convert import frame_from_pb
 from replicator.wire.stream import RawBatch
 
@@ -90,7 +90,8 @@ WRITE_RUN_BUFFERS = 64
 # bytes, under one group commit; the inbox holds at most this many messages (~1 MiB each).
 GROUP_BYTES = 8 << 20
 INBOX_MESSAGES = 16
-_KINDS = {"header": EntryKind.HEADER, "block": EntryKind.BLOCK, "end": EntryKind.END}
+_KINDS = {"header": EntryKind.HEADER, "block": EntryKind.BLOCK, "end": EntryKind.END,
+          "record": EntryKind.RECORD}
 
 
 class _Open:
@@ -266,7 +267,8 @@ class Session:
         if older is not None and older is not self:
             await older.quiesce()
             await older.release_open()  # now, so that its partials are in this welcome
-        welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION)
+        welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION,
+                             capabilities=[CAPABILITY_RECORDS])
         for i, d in enumerate(hello.datasets):
             ds = self.receiver.dataset(self.source, d.name, d.type)
             self.datasets.append(ds)  # now, so that a failed hello still closes it
@@ -438,6 +440,10 @@ class Session:
         body = frame.body
         kind = _KINDS[f.WhichOneof("body")]
         ds.wire_bytes += f.ByteSize()
+        if kind is EntryKind.RECORD:
+            assert isinstance(body, Whole)
+            self._whole(ds, open_, frame.lsn, body, f)
+            return
         if kind is EntryKind.HEADER:
             assert isinstance(body, Header)
             _check_header(body, ds.label, frame.lsn)
@@ -482,6 +488,26 @@ class Session:
                 assert isinstance(body, End)
                 self._finish_staged(ds, open_, frame.lsn, body)
         self._append(ds, frame.lsn, kind, f.SerializeToString())
+
+    def _whole(self, ds: ReceiverDataset, open_: _Open | None, lsn: int, whole: Whole,
+               f: pb.Frame) -> None:
+        """A whole record in one frame: checked as its header, blocks and end would be,
+        journaled as one RECORD entry. Only small records travel whole (a big one would
+        hold a message for its whole size, and is staged or patched in place)."""
+        h = whole.header
+        _check_header(h, ds.label, lsn)
+        if open_ is not None:
+            raise ProtocolError(f"{ds.label} LSN {lsn}: record inside record {open_.lsn}")
+        if h.op is Op.FILE and h.size >= STAGE_MIN_SIZE:
+            raise ProtocolError(f"{ds.label} LSN {lsn}: a whole record of {h.size} bytes "
+                                f"(at most {STAGE_MIN_SIZE - 1} travel whole)")
+        if ds.partial is not None:
+            partial, ds.partial = ds.partial, None
+            partial.discard(ds.mirror, ds.label, "another_record")
+        checked = _Open(lsn, h)
+        for b in f.record.blocks:
+            _check_block(checked, b, ds.label, lsn)
+        self._append(ds, lsn, EntryKind.RECORD, f.SerializeToString())
 
     @staticmethod
     def _append(ds: ReceiverDataset, lsn: int, kind: EntryKind, payload: bytes) -> None:

@@ -85,18 +85,30 @@ class Batch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("dataset", "lsn", "header", "block", "end")
+    __slots__ = ("dataset", "lsn", "header", "block", "end", "record")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     LSN_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     dataset: int
     lsn: int
     header: RecordHeader
     block: Block
     end: RecordEnd
-    def __init__(self, dataset: _Optional[int] = ..., lsn: _Optional[int] = ..., header: _Optional[_Union[RecordHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ...) -> None: ...
+    record: Record
+    def __init__(self, dataset: _Optional[int] = ..., lsn: _Optional[int] = ..., header: _Optional[_Union[RecordHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ..., record: _Optional[_Union[Record, _Mapping]] = ...) -> None: ...
+
+class Record(_message.Message):
+    __slots__ = ("header", "blocks", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: RecordHeader
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    end: RecordEnd
+    def __init__(self, header: _Optional[_Union[RecordHeader, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., end: _Optional[_Union[RecordEnd, _Mapping]] = ...) -> None: ...
 
 class Attrs(_message.Message):
     __slots__ = ("mode", "mtime_ns", "has_owner", "uid", "gid", "has_xattrs", "xattrs", "xattr_list")

@@ -9,5 +9,7 @@ from replicator.v1 import replicator_pb2_grpc as rpc
 
 PROTOCOL_VERSION = 1
 SERVICE_NAME = "replicator.v1.Replicator"
+# Welcome.capabilities: the receiver takes Frame.record (a whole record in one frame)
+CAPABILITY_RECORDS = "records"
 
-__all__ = ["pb", "rpc", "PROTOCOL_VERSION", "SERVICE_NAME"]
+__all__ = ["pb", "rpc", "PROTOCOL_VERSION", "SERVICE_NAME", "CAPABILITY_RECORDS"]

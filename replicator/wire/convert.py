@@ -20,7 +20,7 @@ import os
 
 from replicator.core.blocks import block_count
 from replicator.core.paths import decode_name
-from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
+from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op, Whole
 from replicator.errors import ProtocolError
 from replicator.wire import pb
 
@@ -31,6 +31,8 @@ MAX_XATTRS = 1024
 MAX_XATTR_NAME = 255         # XATTR_NAME_MAX on Linux
 MAX_XATTR_VALUE = 64 * 1024
 MAX_FILE_SIZE = 1 << 50
+# blocks one whole-record frame may hold: the agent sends only small records whole
+MAX_RECORD_BLOCKS = 64
 
 
 def attrs_to_pb(a: Attrs, out: pb.Attrs) -> None:
@@ -90,30 +92,46 @@ def frame_to_pb(dataset: int, frame: Frame, out: pb.Frame | None = None) -> pb.F
     m.lsn = frame.lsn
     body = frame.body
     if isinstance(body, Block):
-        b = m.block
-        b.index = body.index
-        b.codec = int(body.codec)  # type: ignore[assignment]
-        b.raw_len = body.raw_len
-        b.data = body.data if isinstance(body.data, bytes) else bytes(body.data)
+        _block_to_pb(body, m.block)
     elif isinstance(body, Header):
-        h = m.header
-        h.op = int(body.op)  # type: ignore[assignment]
-        h.path = os.fsencode(body.path)
-        h.new_path = os.fsencode(body.new_path)
-        h.target = os.fsencode(body.target)
-        if body.attrs is not None:
-            attrs_to_pb(body.attrs, h.attrs)
-        h.size = body.size
-        h.base = int(body.base)  # type: ignore[assignment]
-        h.base_digest = body.base_digest
-        h.block_size = body.block_size
-        h.first_seen = body.first_seen
-        h.raw_bytes = body.raw_bytes
-        h.resume_from = body.resume_from
+        _header_to_pb(body, m.header)
+    elif isinstance(body, End):
+        _end_to_pb(body, m.end)
     else:
-        m.end.digest = body.digest
-        m.end.aborted = body.aborted
+        r = m.record
+        _header_to_pb(body.header, r.header)
+        for b in body.blocks:
+            _block_to_pb(b, r.blocks.add())
+        _end_to_pb(body.end, r.end)
     return m
+
+
+def _block_to_pb(body: Block, b: pb.Block) -> None:
+    b.index = body.index
+    b.codec = int(body.codec)  # type: ignore[assignment]
+    b.raw_len = body.raw_len
+    b.data = body.data if isinstance(body.data, bytes) else bytes(body.data)
+
+
+def _header_to_pb(body: Header, h: pb.RecordHeader) -> None:
+    h.op = int(body.op)  # type: ignore[assignment]
+    h.path = os.fsencode(body.path)
+    h.new_path = os.fsencode(body.new_path)
+    h.target = os.fsencode(body.target)
+    if body.attrs is not None:
+        attrs_to_pb(body.attrs, h.attrs)
+    h.size = body.size
+    h.base = int(body.base)  # type: ignore[assignment]
+    h.base_digest = body.base_digest
+    h.block_size = body.block_size
+    h.first_seen = body.first_seen
+    h.raw_bytes = body.raw_bytes
+    h.resume_from = body.resume_from
+
+
+def _end_to_pb(body: End, e: pb.RecordEnd) -> None:
+    e.digest = body.digest
+    e.aborted = body.aborted
 
 
 def _path_from_pb(raw: bytes, lsn: int, what: str) -> str:
@@ -125,62 +143,84 @@ def _path_from_pb(raw: bytes, lsn: int, what: str) -> str:
 
 def frame_from_pb(m: pb.Frame) -> Frame:
     """Checks and converts one frame; raises ProtocolError on anything malformed."""
-    if m.lsn <= 0:
-        raise ProtocolError(f"frame with LSN {m.lsn}")
+    lsn = m.lsn
+    if lsn <= 0:
+        raise ProtocolError(f"frame with LSN {lsn}")
     kind = m.WhichOneof("body")
     if kind == "block":
-        b = m.block
-        try:
-            codec = Codec(b.codec)
-        except ValueError:
-            raise ProtocolError(f"LSN {m.lsn}: unknown codec {b.codec}") from None
-        raw_len = b.raw_len
-        if not 0 < raw_len <= MAX_BLOCK_SIZE:
-            raise ProtocolError(f"LSN {m.lsn}: block of {raw_len} bytes")
-        data = b.data  # once: every read of a bytes field copies it out of the message
-        if codec is Codec.RAW and len(data) != raw_len:
-            raise ProtocolError(f"LSN {m.lsn}: raw block length {len(data)} != {raw_len}")
-        if codec is Codec.ZERO and data:
-            raise ProtocolError(f"LSN {m.lsn}: zero block carries data")
-        if len(data) > MAX_BLOCK_SIZE + 4096:
-            raise ProtocolError(f"LSN {m.lsn}: block payload of {len(data)} bytes")
-        return Frame(m.lsn, Block(b.index, codec, raw_len, data))
+        return Frame(lsn, _block_from_pb(m.block, lsn))
     if kind == "header":
-        h = m.header
-        try:
-            op = Op(h.op)
-            base = Base(h.base)
-        except ValueError:
-            raise ProtocolError(f"LSN {m.lsn}: unknown op {h.op} or base {h.base}") from None
-        path = _path_from_pb(h.path, m.lsn, "path")
-        new_path = _path_from_pb(h.new_path, m.lsn, "new_path")
-        target = _path_from_pb(h.target, m.lsn, "symlink target")
-        if op is Op.FILE:
-            bs = h.block_size
-            if not 4096 <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
-                raise ProtocolError(f"LSN {m.lsn}: block size {bs}")
-            if h.size > MAX_FILE_SIZE:
-                raise ProtocolError(f"LSN {m.lsn}: file size {h.size}")
-            if base is Base.PREVIOUS and len(h.base_digest) != MAX_DIGEST:
-                raise ProtocolError(f"LSN {m.lsn}: patch without a valid base digest")
-            if h.resume_from and (base is not Base.EMPTY
-                                  or h.resume_from > block_count(h.size, bs)):
-                raise ProtocolError(f"LSN {m.lsn}: resume from block {h.resume_from}")
-        elif h.resume_from:
-            raise ProtocolError(f"LSN {m.lsn}: a {op.name} record cannot resume")
-        if op in (Op.FILE, Op.MKDIR, Op.SYMLINK, Op.SETATTR) and not h.HasField("attrs"):
-            raise ProtocolError(f"LSN {m.lsn}: {op.name} without attributes")
-        return Frame(m.lsn, Header(
-            op=op, path=path, new_path=new_path, target=target,
-            attrs=attrs_from_pb(h.attrs) if h.HasField("attrs") else None,
-            size=h.size, base=base, base_digest=h.base_digest, block_size=h.block_size,
-            first_seen=h.first_seen, raw_bytes=h.raw_bytes, resume_from=h.resume_from,
-        ))
+        return Frame(lsn, _header_from_pb(m.header, lsn))
     if kind == "end":
-        if len(m.end.digest) not in (0, MAX_DIGEST):
-            raise ProtocolError(f"LSN {m.lsn}: digest of {len(m.end.digest)} bytes")
-        return Frame(m.lsn, End(m.end.digest, m.end.aborted))
-    raise ProtocolError(f"LSN {m.lsn}: frame without a body")
+        return Frame(lsn, _end_from_pb(m.end, lsn))
+    if kind == "record":
+        r = m.record
+        header = _header_from_pb(r.header, lsn)
+        if header.resume_from:
+            raise ProtocolError(f"LSN {lsn}: a whole record cannot resume")
+        if len(r.blocks) > MAX_RECORD_BLOCKS:
+            raise ProtocolError(f"LSN {lsn}: {len(r.blocks)} blocks in one record frame")
+        blocks = tuple(_block_from_pb(b, lsn) for b in r.blocks)
+        return Frame(lsn, Whole(header, blocks, _end_from_pb(r.end, lsn)))
+    raise ProtocolError(f"LSN {lsn}: frame without a body")
+
+
+def _block_from_pb(b: pb.Block, lsn: int) -> Block:
+    try:
+        codec = Codec(b.codec)
+    except ValueError:
+        raise ProtocolError(f"LSN {lsn}: unknown codec {b.codec}") from None
+    raw_len = b.raw_len
+    if not 0 < raw_len <= MAX_BLOCK_SIZE:
+        raise ProtocolError(f"LSN {lsn}: block of {raw_len} bytes")
+    data = b.data  # once: every read of a bytes field copies it out of the message
+    if codec is Codec.RAW and len(data) != raw_len:
+        raise ProtocolError(f"LSN {lsn}: raw block length {len(data)} != {raw_len}")
+    if codec is Codec.ZERO and data:
+        raise ProtocolError(f"LSN {lsn}: zero block carries data")
+    if len(data) > MAX_BLOCK_SIZE + 4096:
+        raise ProtocolError(f"LSN {lsn}: block payload of {len(data)} bytes")
+    return Block(b.index, codec, raw_len, data)
+
+
+def _header_from_pb(h: pb.RecordHeader, lsn: int) -> Header:
+    try:
+        op = Op(h.op)
+        base = Base(h.base)
+    except ValueError:
+        raise ProtocolError(f"LSN {lsn}: unknown op {h.op} or base {h.base}") from None
+    path = _path_from_pb(h.path, lsn, "path")
+    new_path = _path_from_pb(h.new_path, lsn, "new_path")
+    target = _path_from_pb(h.target, lsn, "symlink target")
+    if op is Op.FILE:
+        bs = h.block_size
+        if not 4096 <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
+            raise ProtocolError(f"LSN {lsn}: block size {bs}")
+        if h.size > MAX_FILE_SIZE:
+            raise ProtocolError(f"LSN {lsn}: file size {h.size}")
+        if base is Base.PREVIOUS and len(h.base_digest) != MAX_DIGEST:
+            raise ProtocolError(f"LSN {lsn}: patch without a valid base digest")
+        if h.resume_from and (base is not Base.EMPTY
+                              or h.resume_from > block_count(h.size, bs)):
+            raise ProtocolError(f"LSN {lsn}: resume from block {h.resume_from}")
+    elif h.resume_from:
+        raise ProtocolError(f"LSN {lsn}: a {op.name} record cannot resume")
+    has_attrs = h.HasField("attrs")
+    if op in (Op.FILE, Op.MKDIR, Op.SYMLINK, Op.SETATTR) and not has_attrs:
+        raise ProtocolError(f"LSN {lsn}: {op.name} without attributes")
+    return Header(
+        op=op, path=path, new_path=new_path, target=target,
+        attrs=attrs_from_pb(h.attrs) if has_attrs else None,
+        size=h.size, base=base, base_digest=h.base_digest, block_size=h.block_size,
+        first_seen=h.first_seen, raw_bytes=h.raw_bytes, resume_from=h.resume_from,
+    )
+
+
+def _end_from_pb(e: pb.RecordEnd, lsn: int) -> End:
+    digest = e.digest
+    if len(digest) not in (0, MAX_DIGEST):
+        raise ProtocolError(f"LSN {lsn}: digest of {len(digest)} bytes")
+    return End(digest, e.aborted)
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import pytest
 
-from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op
+from replicator.core.records import Attrs, Base, Block, Codec, End, Frame, Header, Op, Whole
 from replicator.errors import ProtocolError
 from replicator.wire import pb
 from replicator.wire.convert import (
     MAX_BLOCK_SIZE,
     MAX_FILE_SIZE,
     MAX_PATH_BYTES,
+    MAX_RECORD_BLOCKS,
     MAX_XATTR_NAME,
     MAX_XATTR_VALUE,
     MAX_XATTRS,
@@ -56,6 +57,10 @@ FRAMES = [
     Frame(10, End(aborted=True)),
     Frame(11, End()),
     Frame(12, file_header(resume_from=2)),        # continues a partial: all its blocks
+    Frame(13, Whole(file_header(size=5, attrs=FULL_ATTRS),             # a whole small file
+                    (Block(0, Codec.RAW, 5, b"hello"),), End(DIGEST))),
+    Frame(14, Whole(Header(Op.MKDIR, ODD, attrs=ATTRS), (), End())),   # a whole mkdir
+    Frame(15, Whole(file_header(size=0), (), End(aborted=True))),
 ]
 
 
@@ -150,6 +155,14 @@ def _xattr_list(n: int, name: bytes = b"user.k", size: int = 1) -> Callable[[pb.
 VALID_FILE = Frame(1, file_header())
 VALID_BLOCK = Frame(1, Block(0, Codec.RAW, 4, b"data"))
 VALID_LZ4 = Frame(1, Block(0, Codec.LZ4, 65536, b"\x1f\x00\x01\x00"))
+VALID_WHOLE = Frame(1, Whole(file_header(size=4), (Block(0, Codec.RAW, 4, b"data"),), End(DIGEST)))
+
+
+def _blocks(n: int) -> Callable[[pb.Frame], None]:
+    def apply(m: pb.Frame) -> None:
+        for i in range(n):
+            m.record.blocks.add(index=i, raw_len=1, data=b"x")
+    return apply
 
 
 @pytest.mark.parametrize("frame, mutate, message", [
@@ -198,6 +211,13 @@ VALID_LZ4 = Frame(1, Block(0, Codec.LZ4, 65536, b"\x1f\x00\x01\x00"))
     (Frame(1, Header(Op.MKDIR, "d", attrs=ATTRS)), _set(("header.resume_from", 1)),
      "MKDIR record cannot resume"),
     (Frame(1, End()), lambda m: m.ClearField("end"), "without a body"),
+    (VALID_WHOLE, _set(("record.header.op", 99)), "unknown op 99"),          # header checks,
+    (VALID_WHOLE, lambda m: m.record.blocks[0].ClearField("data"),
+     "raw block length 0 != 4"),                                           # block checks,
+    (VALID_WHOLE, _set(("record.end.digest", b"x")), "digest of 1 bytes"),  # end checks
+    (VALID_WHOLE, _set(("record.header.resume_from", 1)), "cannot resume"),
+    (VALID_WHOLE, _blocks(MAX_RECORD_BLOCKS), f"{MAX_RECORD_BLOCKS + 1} blocks"),
+    (VALID_WHOLE, lambda m: m.record.header.ClearField("attrs"), "FILE without attributes"),
 ])
 def test_frame_from_pb_refuses_malformed_frames(frame: Frame, mutate: Callable[[pb.Frame], None],
                                                 message: str) -> None:

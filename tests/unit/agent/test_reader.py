@@ -402,3 +402,22 @@ def test_throughput(tmp_path: Path, kind: str) -> None:
     raw = r.raw_bytes
     print(f"\n{kind}: read_state {size / t_hash / 1e6:.0f} MB/s, "
           f"chunks (hash+encode) {size / t_full / 1e6:.0f} MB/s, wire/raw {wire / raw:.3f}")
+
+
+def test_a_dense_file_is_read_without_looking_for_holes(
+        tmp_path: Path, sparse: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    dense = tmp_path / "dense"
+    _random_file(dense, 3 * BS + 100)
+    seeks: list[int] = []
+    real = os.lseek
+
+    def counting_lseek(fd: int, pos: int, how: int) -> int:
+        seeks.append(how)
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(reader_mod.os, "lseek", counting_lseek)
+    state = read_state(dense, BS)
+    assert seeks == [] and state.size == 3 * BS + 100
+    path, content = sparse                     # a file with holes still asks where they are
+    _check_state(read_state(path, BS), path, content)
+    assert os.SEEK_DATA in seeks

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from replicator.receiver.journal import (
     segment_name,
 )
 
-H, B, E = EntryKind.HEADER, EntryKind.BLOCK, EntryKind.END
+H, B, E, R = EntryKind.HEADER, EntryKind.BLOCK, EntryKind.END, EntryKind.RECORD
 Rec = list[tuple[EntryKind, bytes]]
 
 
@@ -103,6 +103,8 @@ SHAPES: dict[str, list[Rec]] = {
     "mixed, with direct-write payloads": [record(1), record(2, 3, 100_000), record(3),
                                           record(4, 2, 64 << 10), record(5, 1, 0)],
     "empty payloads": [[(H, b""), (B, b""), (E, b"")]],
+    "whole records among others": [[(R, payload(1, 0, 300))], record(2, 2), [(R, b"")],
+                                   [(R, payload(4, 0, 70_000))], record(5)],
 }
 
 
@@ -187,6 +189,12 @@ ORDER_VIOLATIONS: dict[str, list[tuple[int, EntryKind]]] = {
     "repeat": [(1, H), (1, E), (1, H)],
     "backwards": [(1, H), (1, E), (2, H), (2, E), (1, H)],
     "block after end": [(1, H), (1, E), (1, B)],
+    "whole record inside a record": [(1, H), (1, R)],
+    "whole record of another lsn inside": [(1, H), (2, R)],
+    "block after a whole record": [(1, R), (1, B)],
+    "end after a whole record": [(1, R), (1, E)],
+    "whole record gap": [(1, R), (3, R)],
+    "whole record repeat": [(1, R), (1, R)],
 }
 
 
@@ -254,29 +262,31 @@ def check_cut_to_two(jdir: Path, want: list[Entry]) -> None:
     j.close()
 
 
-def test_torn_tail_at_every_offset_of_the_last_entry(jdir: Path) -> None:
-    want, seg, record_start, last_entry = torn_setup(jdir)
+def check_cuts(jdir: Path, seg: Path, cuts: Iterable[int], want: list[Entry],
+               record_start: int) -> None:
+    """The segment cut at each of `cuts` reopens as the two records `want`, the torn
+    third one cut away from `record_start` on."""
     full = seg.read_bytes()
-    for cut in range(last_entry, len(full)):
+    for cut in cuts:
         seg.write_bytes(full[:cut])
         j = reopen(jdir)
         assert j.flushed_lsn == 2, cut
         assert list(j.entries(1, 2)) == want
         j.close()
-        assert os.path.getsize(seg) == record_start  # the torn record was cut away
+        assert os.path.getsize(seg) == record_start, cut
+
+
+def test_torn_tail_at_every_offset_of_the_last_entry(jdir: Path) -> None:
+    want, seg, record_start, last_entry = torn_setup(jdir)
+    full = seg.read_bytes()
+    check_cuts(jdir, seg, range(last_entry, len(full)), want, record_start)
     seg.write_bytes(full[:record_start + 1])
     check_cut_to_two(jdir, want)
 
 
 def test_torn_tail_at_sampled_offsets_of_the_last_record(jdir: Path) -> None:
     want, seg, record_start, last_entry = torn_setup(jdir)
-    full = seg.read_bytes()
-    for cut in range(record_start, last_entry, 97):
-        seg.write_bytes(full[:cut])
-        j = reopen(jdir)
-        assert j.flushed_lsn == 2, cut
-        assert list(j.entries(1, 2)) == want
-        j.close()
+    check_cuts(jdir, seg, range(record_start, last_entry, 97), want, record_start)
 
 
 @pytest.mark.parametrize("where", ["payload", "crc", "lsn", "kind", "magic", "length"])
@@ -296,6 +306,21 @@ def test_zeroed_tail_is_cut(jdir: Path) -> None:
     data[record_start:] = bytes(len(data) - record_start)  # allocated, never written
     seg.write_bytes(bytes(data))
     check_cut_to_two(jdir, want)
+
+
+def test_torn_whole_record_at_every_offset_is_cut(jdir: Path) -> None:
+    j = reopen(jdir)
+    want = fill(j, 1, [record(1, 1), [(R, payload(2, 0, 500))]])
+    start = os.path.getsize(last_segment(jdir))
+    fill(j, 3, [[(R, payload(3, 0, 700))]])
+    j.close()
+    seg = last_segment(jdir)
+    full = seg.read_bytes()
+    check_cuts(jdir, seg, range(start, len(full)), want, start)
+    seg.write_bytes(full)
+    j = reopen(jdir)
+    assert j.flushed_lsn == 3 and list(j.entries(3, 3)) == [Entry(3, R, payload(3, 0, 700))]
+    j.close()
 
 
 def test_unterminated_trailing_record_is_dropped(jdir: Path) -> None:
