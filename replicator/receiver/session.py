@@ -191,6 +191,7 @@ class Session:
         self._busy: concurrent.futures.Future[tuple[set[int], Exception | None]] | None = None
         self._closing = False
         self._malformed = False  # a bad frame ended the stream: keep no partial record
+        self._closer: asyncio.Future[None] | None = None
         self._released: asyncio.Future[None] | None = None  # release_open, once
 
     async def run(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
@@ -235,7 +236,11 @@ class Session:
             elif error is not None:
                 raise error
         finally:
-            await self._close()
+            # in a task of its own: gRPC may cancel this handler again while the close
+            # awaits the worker, and a close cut short would leave the dataset shown as
+            # connected, and its records unreleased, until the receiver restarts
+            self._closer = asyncio.ensure_future(self._close())
+            await asyncio.shield(self._closer)
 
     async def _storage_failed(self, error: OSError, context: grpc.aio.ServicerContext) -> None:
         """The receiver's own storage failed (a full disk, an I/O error): nothing was
