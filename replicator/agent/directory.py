@@ -39,7 +39,7 @@ import stat as st_mod
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import xxhash
@@ -56,6 +56,7 @@ from replicator.agent.index import (
     Mutation,
     Put,
     Remove,
+    Sending,
     View,
 )
 from replicator.agent.link import Announce, Disconnected, Link
@@ -85,6 +86,9 @@ STATE_RETRY_INITIAL = 0.2       # seconds before the index is written again afte
 STATE_RETRY_MAX = 10.0          # ...doubling up to this while its disk stays full
 ERROR_LOG_INTERVAL = 60.0       # the same per-path error is logged at most this often
 ERROR_KEYS_MAX = 10_000         # distinct error keys remembered for that
+# new files from this size are staged by the receiver, which can continue them after a
+# broken stream; the one being sent is saved in the index so that an agent restart can too
+RESUMABLE_MIN_SIZE = 1 << 20
 
 
 def kind_of(mode: int) -> str | None:
@@ -142,10 +146,10 @@ class DirectorySource:
         self.rescan_first_seen = 0.0
         self.current: tuple[float, int] | None = None   # the record being sent
         # the big file whose record went out last (kept until the next reconnect: its END
-        # may be queued and still lost), and after a reconnect the one the receiver kept
-        # part of, with the block to continue from
-        self.sending: _Sending | None = None
-        self.resume: tuple[_Sending, int] | None = None
+        # may be queued and still lost; saved in the index, so a restart knows it too), and
+        # after a reconnect the one the receiver kept part of, with the block to continue from
+        self.sending: Sending | None = self.index.load_sending()
+        self.resume: tuple[Sending, int] | None = None
         self.records_sent = 0
         self.raw_bytes_sent = 0
         self.errors: dict[str, int] = {}
@@ -853,7 +857,7 @@ class DirectorySource:
                                          old_hashes, start_block=skip, compress=self.compress)
         try:
             st0 = reader.stat
-            if skip and resume is not None and _Sending.of(resume[0].lsn, path, st0,
+            if skip and resume is not None and Sending.of(resume[0].lsn, path, st0,
                                                            first_seen) != resume[0]:
                 # changed since the broken-off send: the receiver drops its part
                 log.info("file changed, sending it whole dataset=%s path=%r", self.name, path)
@@ -870,7 +874,9 @@ class DirectorySource:
                 log.info("resuming file dataset=%s path=%r lsn=%d from_block=%d", self.name,
                          path, self.next_lsn, skip)
             lsn = self._begin(first_seen)
-            self.sending = _Sending.of(lsn, path, st0, first_seen)
+            self.sending = Sending.of(lsn, path, st0, first_seen)
+            if old_hashes is None and st0.st_size >= RESUMABLE_MIN_SIZE:
+                self._save_sending(self.sending)
             try:
                 await self.link.send(generation, self.dataset, [Frame(lsn, header)])
                 chunks = reader.chunks()
@@ -897,6 +903,16 @@ class DirectorySource:
             self._file_sent(lsn, path, st0, xdigest, state, reader.raw_bytes)
         finally:
             reader.close()
+
+    def _save_sending(self, sending: Sending) -> None:
+        """Saves the file about to go out, before its header does: an agent restarted in
+        the middle of it then continues it (see on_welcome). Best effort: if the index
+        cannot be written, a restart merely sends the file whole."""
+        try:
+            self.index.save_sending(sending)
+        except sqlite3.OperationalError as e:
+            log.debug("file being sent not saved dataset=%s path=%r error=%s", self.name,
+                      sending.path, e)
 
     def _file_header(self, path: str, attrs: Attrs, size: int, base: Entry | None,
                      first_seen: float, raw_bytes: int = 0) -> Header:
@@ -1035,27 +1051,8 @@ def _racy(entry: Entry) -> bool:
     return entry.mtime_ns >= entry.stat_ns - RACY_MARGIN_NS
 
 
-@dataclass(frozen=True, slots=True)
-class _Sending:
-    """A file as it was when its record started: a resume is for this file unchanged."""
-
-    lsn: int
-    path: str
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    ino: int
-    dev: int
-    first_seen: float = field(compare=False)
-
-    @classmethod
-    def of(cls, lsn: int, path: str, st: os.stat_result, first_seen: float) -> _Sending:
-        return cls(lsn, path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
-                   first_seen)
-
-
-def _resume_point(sending: _Sending | None,
-                  position: pb.DatasetPosition, block_size: int) -> tuple[_Sending, int] | None:
+def _resume_point(sending: Sending | None,
+                  position: pb.DatasetPosition, block_size: int) -> tuple[Sending, int] | None:
     """The record to continue and its first block, if the receiver kept part of the one
     that was going out when the stream broke."""
     if sending is None or not position.HasField("partial"):

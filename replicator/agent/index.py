@@ -24,6 +24,10 @@ records. A file moved by an in-flight record whose hashes were already acknowled
 found through its chain of earlier paths: each step (lsn, old_path) says "until lsn is
 acknowledged, the index holds these hashes at old_path".
 
+The index also remembers the big new file whose record is going out (`Sending`), so that
+an agent restarted in the middle of it can continue it from where the receiver's part ends,
+as after a reconnect; the commit of the ack that covers that record forgets it.
+
 Neither class is thread-safe: the caller serialises access (they may be used from a worker
 thread other than the one that created them).
 """
@@ -107,6 +111,25 @@ class Move:
 Mutation = Put | Remove | Move
 
 
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """A file as it was when its record started: a resume is for this file unchanged."""
+
+    lsn: int
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    first_seen: float = field(compare=False)
+
+    @classmethod
+    def of(cls, lsn: int, path: str, st: os.stat_result, first_seen: float) -> Sending:
+        return cls(lsn, path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev,
+                   first_seen)
+
+
 def check_path(path: str) -> None:
     """Raise ValueError unless `path` is a non-empty relative '/'-separated path."""
     if not path or "\0" in path or path.startswith("/") or path.endswith("/") or "//" in path:
@@ -168,6 +191,19 @@ _SCHEMA = (
     # mutations of records sent but not yet acknowledged, saved before they go on the wire
     "CREATE TABLE inflight (lsn INTEGER PRIMARY KEY, data BLOB NOT NULL)",
 )
+# the big new file being sent, at most one row; added to format 2 without a version bump
+# (an index without it just lacks the table: it is created, nothing is rebuilt)
+_SENDING_SCHEMA = """CREATE TABLE IF NOT EXISTS sending (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    lsn INTEGER NOT NULL,
+    path BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    first_seen REAL NOT NULL
+)"""
 
 _SUBTREE = "path = ? OR (path >= ? AND path < ?)"
 _BELOW = "path >= ? AND path < ?"
@@ -256,6 +292,8 @@ class Index:
                                  (_META_FORMAT,)).fetchone()
                 version = row[0] if row else None
             if version == FORMAT_VERSION and {"files", "hashes", "inflight"} <= tables:
+                if "sending" not in tables:
+                    db.execute(_SENDING_SCHEMA)
                 return db
             log.warning("index of unknown format, rebuilding path=%s version=%s",
                         self.path, version)
@@ -282,7 +320,7 @@ class Index:
     def _create(db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _SCHEMA:
+            for stmt in (*_SCHEMA, _SENDING_SCHEMA):
                 db.execute(stmt)
             db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                            [(_META_FORMAT, FORMAT_VERSION), (_META_ACKED, 0), (_META_EPOCH, 0)])
@@ -353,6 +391,7 @@ class Index:
                     self._move(m.old, m.new)
             self._set_meta(_META_ACKED, acked_lsn)
             self._db.execute("DELETE FROM inflight WHERE lsn <= ?", (acked_lsn,))
+            self._db.execute("DELETE FROM sending WHERE lsn <= ?", (acked_lsn,))
         self._acked_lsn = acked_lsn
 
     def save_inflight(self, records: Sequence[tuple[int, Sequence[Mutation]]]) -> None:
@@ -384,12 +423,33 @@ class Index:
         with self._txn():
             self._db.execute("DELETE FROM inflight WHERE lsn > ?", (above,))
 
+    def save_sending(self, s: Sending) -> None:
+        """Remember `s` as the big new file whose record is going out (replacing any)."""
+        with self._txn():
+            self._db.execute(
+                "INSERT OR REPLACE INTO sending (id, lsn, path, size, mtime_ns, ctime_ns, ino, "
+                "dev, first_seen) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.lsn, os.fsencode(s.path), s.size, s.mtime_ns, s.ctime_ns, _ino_to_db(s.ino),
+                 _ino_to_db(s.dev), s.first_seen))
+
+    def load_sending(self) -> Sending | None:
+        """The file save_sending remembered, unless the receiver acknowledged its record."""
+        row = self._db.execute(
+            "SELECT lsn, path, size, mtime_ns, ctime_ns, ino, dev, first_seen FROM sending "
+            "WHERE lsn > ?", (self._acked_lsn,)).fetchone()
+        if row is None:
+            return None
+        lsn, path, size, mtime_ns, ctime_ns, ino, dev, first_seen = row
+        return Sending(lsn, os.fsdecode(path), size, mtime_ns, ctime_ns, _ino_from_db(ino),
+                       _ino_from_db(dev), first_seen)
+
     def reset(self) -> None:
         """Empty the index; acked_lsn = 0. The epoch is kept: it belongs to the receiver."""
         with self._txn():
             self._db.execute("DELETE FROM hashes")
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM inflight")
+            self._db.execute("DELETE FROM sending")
             self._set_meta(_META_ACKED, 0)
         self._acked_lsn = 0
 

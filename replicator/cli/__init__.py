@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+import traceback
 
 from replicator import __version__
 from replicator.errors import ReplicatorError
@@ -47,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, SystemExit):
             raise
         cause = _innermost(e)
-        logging.getLogger("replicator").debug("unexpected error", exc_info=e)
-        print(f"replicator {args.command}: unexpected error: {type(cause).__name__}: {cause} "
-              "(run with --log-level debug for the traceback)", file=sys.stderr)
+        # the log formatters keep one line per event, so the traceback is printed here,
+        # whole, before the summary line; only when asked for, as it is many lines
+        debug = getattr(args, "log_level", None) == "debug"
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        hint = (" (run with --log-level debug for the traceback)"
+                if hasattr(args, "log_level") and not debug else "")
+        print(f"replicator {args.command}: unexpected error: {type(cause).__name__}: "
+              f"{cause}{hint}", file=sys.stderr)
         return 2
 
 

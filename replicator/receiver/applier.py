@@ -328,8 +328,9 @@ class Applier:
         self._commit_or_fail()
         return self.applied_lsn
 
-    def recover(self) -> None:
+    def recover(self, keep_incoming: str = "") -> None:
         """Replays what is journaled beyond the durable applied LSN; call once after open.
+        `keep_incoming` is the staged path of a partial record to keep (see `partial`).
 
         Never raises ApplyError: a record that fails leaves the dataset in the error state
         (`error` set), which the caller reports and apply_upto keeps raising.
@@ -344,7 +345,7 @@ class Applier:
         except ApplyError:
             return
         self._clean_keeps()
-        self._clean_incoming()
+        self._clean_incoming(keep_incoming)
         if target > start:
             log.info("replayed %s from_lsn=%d to_lsn=%d", self._log_ids, start + 1,
                      self.applied_lsn)
@@ -822,12 +823,15 @@ class Applier:
                 self.mirror.discard_staged(os.path.join(self.mirror.staging_dir, name))
 
 
-    def _clean_incoming(self) -> None:
+    def _clean_incoming(self, keep: str) -> None:
         """Removes incoming files no record will use: those of applied records (installed
-        or dropped) and those beyond the last flushed record (never completed). Between
-        the two are records not yet applied (a dataset in error): their files stay."""
+        or dropped) and those beyond the last flushed record (never completed), except
+        `keep`, a partial record's. Between the two are records not yet applied (a dataset
+        in error): their files stay."""
         flushed = self.journal.flushed_lsn
         for lsn, staged in self.mirror.incoming_files():
+            if staged == keep:
+                continue
             if lsn <= self.applied_lsn or lsn > flushed:
                 self.mirror.discard_staged(staged)
 

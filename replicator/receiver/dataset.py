@@ -30,7 +30,7 @@ from replicator.receiver.applier import Applier, ApplyError
 from replicator.receiver.journal import Journal
 from replicator.receiver.manifest import Manifest
 from replicator.receiver.mirror import Mirror
-from replicator.receiver.partial import Partial
+from replicator.receiver.partial import STORE_DIR, Partial, PartialStore
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ class ReceiverDataset:
         self.observe_latency: Callable[[float], None] | None = None
         self.applier.on_applied = self._applied_records
         self._storage_failed = False  # `error` came from our storage: retry it
-        # a big new file the last stream broke off, kept for the next one (session only)
+        # a big new file the last stream broke off, kept for the next one (session only),
+        # and where it is saved so that a restart can continue it too
         self.partial: Partial | None = None
+        self.partials = PartialStore(state_dir / STORE_DIR, self.mirror, self.label)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -81,9 +83,11 @@ class ReceiverDataset:
         self.applier = self._new_applier()
 
     def open(self) -> None:
-        """Recover: replay what is journaled beyond the durable applied LSN."""
+        """Recover: replay what is journaled beyond the durable applied LSN, keeping the
+        staged file of a saved partial record that is the next one (see `partial`)."""
         self.journal.open(self.applier.applied_lsn)
-        self.applier.recover()
+        self.partial = self.partials.load(self.journal.flushed_lsn + 1)
+        self.applier.recover(keep_incoming=self.partial.staged if self.partial else "")
         self.journal.release(self.applier.applied_lsn)
         log.info("dataset opened dataset=%s applied_lsn=%d flushed_lsn=%d", self.label,
                  self.applier.applied_lsn, self.journal.flushed_lsn)
@@ -117,8 +121,9 @@ class ReceiverDataset:
             self._pool.shutdown(wait=False)
             self._pool = None
         if self.partial is not None:
-            self.partial.close()  # its file goes with recovery's clean-up of incoming files
+            self.partial.close()  # its file and saved state stay for the next start
             self.partial = None
+        self.partials.close()  # a save under way finishes first: it uses the mirror
         self.journal.close()
         self.mirror.close()
         self.manifest.close()

@@ -13,12 +13,21 @@ session acknowledges after.
 On disk, `<first lsn, 20 digits>.seg` files, each opening with a file header (magic, format
 version) followed by entries: a fixed header (magic, kind, lsn, payload length, crc32 of
 those fields and the payload) and the payload. A new segment starts at a record boundary
-once the current one has grown past `segment_size`, so a record never spans segments;
+once the current one has grown past its size limit, so a record never spans segments;
 before a new segment is created the old one is synced, so a crash can tear only the last
 segment. `open()` therefore treats the first bad entry (short, bad magic, absurd length,
 bad checksum, out of order) and an unterminated trailing record as the torn tail and
 truncates them away. A bad entry in an earlier segment is corruption, not a torn tail: it
 is cut the same way (the agent resends from the flushed LSN it is told), but logged loudly.
+
+Space: applied records are reclaimed a whole segment at a time, so a segment's worth of
+applied data can linger. The limit therefore fits the disk: `segment_size` (64 MiB) at
+most, 1/SEGMENT_FREE_DIVISOR of the file system's free space, MIN_SEGMENT_SIZE at least,
+taken when the segment is created and narrowed as the segment grows if the disk fills
+meanwhile. `release()` deletes every segment whose records are all applied, and also the
+current one once it is wholly applied and at least MIN_SEGMENT_SIZE big (the next record
+starts a new one): a journal that has caught up holds less than MIN_SEGMENT_SIZE of
+applied data, however big its segments may grow while records wait.
 
 Writes: small entries collect in one preallocated buffer that goes to the OS in one pwrite
 per ~1 MiB or at sync; large payloads go straight out with pwritev(header, payload), never
@@ -48,7 +57,10 @@ from replicator.errors import ReplicatorError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEGMENT_SIZE = 64 << 20
+DEFAULT_SEGMENT_SIZE = 64 << 20   # the most a segment grows to...
+MIN_SEGMENT_SIZE = 1 << 20        # ...and the least, however full the disk
+# ...and in between, at most this fraction (1/N) of the journal file system's free space
+SEGMENT_FREE_DIVISOR = 16
 MAX_PAYLOAD = 8 << 20
 WRITE_BUFFER_SIZE = 1 << 20
 # payloads this big are written directly: copying them into the buffer saves no syscall
@@ -121,6 +133,11 @@ class _Bad(Exception):
         self.reason = reason
 
 
+def fit_segment_size(free: int, ceiling: int) -> int:
+    """The size limit of a segment created with `free` bytes free on its file system."""
+    return min(ceiling, max(MIN_SEGMENT_SIZE, free // SEGMENT_FREE_DIVISOR))
+
+
 def segment_name(first_lsn: int) -> str:
     return f"{first_lsn:0{_LSN_DIGITS}d}{SEGMENT_SUFFIX}"
 
@@ -132,7 +149,7 @@ def _parse_segment_name(name: str) -> int | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -155,7 +172,7 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -251,6 +268,8 @@ class Journal:
         self._index_lo = 1  # lowest LSN that may be in _index
         self._fd: int | None = None  # write fd of the current segment
         self._seg = 0  # first LSN of the current segment
+        self._limit = segment_size  # the current segment's size limit (fit_segment_size)
+        self._recheck = 0  # the free space is looked at again once the segment is this big
         self._disk = 0  # bytes of the current segment handed to the OS
         self._buf = bytearray(WRITE_BUFFER_SIZE)
         self._fill = 0  # bytes waiting in _buf, which belong at offset _disk
@@ -277,11 +296,12 @@ class Journal:
                 raise ValueError(f"journal {self.directory} is already open")
             if not self.directory.is_dir():
                 self.directory.mkdir(parents=True)
-                _fsync_dir(self.directory.parent)  # so that the journal's name is durable
+                fsync_dir(self.directory.parent)  # so that the journal's name is durable
             self._index.clear()
             self._segments = []
             self._open_lsn = None
             self._fill = 0
+            self._limit, self._recheck = self.segment_size, 0  # fitted at the next header
             last = self._scan(applied_lsn)
             if last is None or last <= applied_lsn:
                 self._close_fd()
@@ -296,7 +316,7 @@ class Journal:
                 self._fresh = False
             self._index_lo = applied_lsn + 1
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
             self._unsynced = False
             self._failed = None
@@ -340,7 +360,7 @@ class Journal:
                                                             and lsn > self.written_lsn):
                         raise ValueError(f"header of LSN {lsn} after LSN {self.written_lsn} "
                                          f"(expected {self.written_lsn + 1})")
-                    if self._fd is None or self._disk + self._fill >= self.segment_size:
+                    if self._fd is None or self._full(self._disk + self._fill):
                         self._roll(lsn)
                     self._open_lsn = lsn
                     self._open_start = self._disk + self._fill
@@ -417,6 +437,7 @@ class Journal:
             durable = self.flushed_lsn
             self._close_fd()
             self._fill = 0
+            self._limit, self._recheck = self.segment_size, 0
             self._open_lsn = None
             self._unsynced = False
             while self._segments and self._segments[-1] > durable:
@@ -445,7 +466,7 @@ class Journal:
                     raise
                 self._fd, self._seg, self._disk = fd, seg, good
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
             self.written_lsn = self.flushed_lsn = last
             log.warning("journal repaired dir=%s flushed_lsn=%d error=%s", self.directory,
@@ -536,13 +557,23 @@ class Journal:
     # ---- housekeeping ----
 
     def release(self, applied_lsn: int) -> None:
-        """Deletes whole segments all of whose records are <= applied_lsn, never the last
-        one, and forgets their records. Allowed on a failed journal: it never touches the
-        segment being appended to."""
+        """Deletes whole segments all of whose records are <= applied_lsn and forgets their
+        records. The segment being appended to goes too once every record is applied, no
+        record is open and it holds MIN_SEGMENT_SIZE or more (smaller, it stays: a new
+        file and a directory fsync per small record would cost more than the space); the
+        next header starts a new one. Allowed on a failed journal: it then never touches
+        the segment being appended to."""
         with self._lock:
             self._check_open()
             while len(self._segments) > 1 and self._segments[1] <= applied_lsn + 1:
                 self._unlink(self._segments.pop(0))
+            if (self._segments and self._failed is None and self._open_lsn is None
+                    and applied_lsn >= self.written_lsn == self.flushed_lsn
+                    and self._disk + self._fill >= MIN_SEGMENT_SIZE):
+                # flushed == written: nothing is buffered that a sync still owes
+                self._close_fd()
+                self._fill = 0
+                self._unlink(self._segments.pop())
             for lsn in range(self._index_lo, min(applied_lsn, self.written_lsn) + 1):
                 self._index.pop(lsn, None)
             self._index_lo = max(self._index_lo, min(applied_lsn, self.written_lsn) + 1)
@@ -557,7 +588,7 @@ class Journal:
             for name in os.listdir(self.directory):
                 if _parse_segment_name(name) is not None:
                     os.unlink(self.directory / name)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._dir_dirty = False
             self._unsynced = False
             self._segments = []
@@ -585,7 +616,7 @@ class Journal:
                 os.fdatasync(self._fd)
             self._unsynced = False
             if self._dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self._dir_dirty = False
         except OSError as e:
             self._failed = e
@@ -596,7 +627,7 @@ class Journal:
     def _flush(self) -> None:
         if self._fill:
             assert self._fd is not None
-            _pwrite_all(self._fd, memoryview(self._buf)[:self._fill], self._disk)
+            pwrite_all(self._fd, memoryview(self._buf)[:self._fill], self._disk)
             self._disk += self._fill
             self._fill = 0
             self._unsynced = True
@@ -614,7 +645,7 @@ class Journal:
             if done < total:  # a short write: finish it plainly
                 rest = (header + payload)[done:] if done < ENTRY_HEADER_SIZE else \
                     memoryview(payload)[done - ENTRY_HEADER_SIZE:]
-                _pwrite_all(self._fd, rest, self._disk + done)
+                pwrite_all(self._fd, rest, self._disk + done)
             self._disk += total
             self._unsynced = True
             return
@@ -629,6 +660,21 @@ class Journal:
         self._fill = body + n
         if self._fill >= WRITE_BUFFER_SIZE:
             self._flush()
+
+    def _full(self, size: int) -> bool:
+        """True if the current segment, `size` bytes big, has reached its limit; the
+        limit shrinks (never grows) when the disk has filled up since it was set."""
+        if size >= self._recheck:
+            self._limit = min(self._limit, self._fitted())
+            self._recheck = size + MIN_SEGMENT_SIZE
+        return size >= self._limit
+
+    def _fitted(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return self.segment_size
+        return fit_segment_size(st.f_bavail * st.f_frsize, self.segment_size)
 
     def _roll(self, first_lsn: int) -> None:
         """Starts segment `first_lsn`; the previous one is made durable and closed first,
@@ -648,6 +694,8 @@ class Journal:
         self._seg = first_lsn
         self._segments.append(first_lsn)
         self._disk = 0
+        self._limit = self._fitted()
+        self._recheck = MIN_SEGMENT_SIZE
         _FILE_HEADER.pack_into(self._buf, 0, FILE_MAGIC, FORMAT_VERSION)
         self._fill = FILE_HEADER_SIZE
         self._dir_dirty = True

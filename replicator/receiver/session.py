@@ -21,7 +21,9 @@ that any group commit makes durable always has durable data: no later sync of th
 one fsync covers many. A record that never gets its END (stream broken, newer stream,
 malformed frame) has its staged file deleted here, except a big new file broken off part
 way, which is kept as its dataset's `Partial` for the next stream to continue (see
-`partial`); after a crash the applier deletes the incoming files no flushed record needs.
+`partial`), in memory and saved on disk: every SAVE_EVERY_BYTES while it arrives (after
+the group commit) and when the stream breaks, so that a restart can continue it too; after
+a crash the applier deletes the incoming files no flushed record or saved partial needs.
 
 Each batch's frame work (parse, decode, hash, pwrite, journal append, group commit) runs in
 one worker thread per session, so that gRPC keeps receiving meanwhile: batches arrive
@@ -61,7 +63,7 @@ from replicator.lag import AgentLag, ClockOffset
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import STAGED_HASHES_PER_ENTRY, EntryKind, encode_staged
 from replicator.receiver.mirror import start_writeback
-from replicator.receiver.partial import Partial
+from replicator.receiver.partial import SAVE_EVERY_BYTES, Partial, PartialStore, new_hashes
 from replicator.wire import CAPABILITY_RECORDS, PROTOCOL_VERSION, pb
 from replicator.wire.convert import frame_from_pb
 from replicator.wire.stream import RawBatch
@@ -155,12 +157,15 @@ class _Open:
         p.fd = -1  # the fd is the record's now
         return o
 
-    def partial(self) -> Partial | None:
+    def partial(self, store: PartialStore) -> Partial | None:
         """What a stream broken now leaves resumable of this record, if anything."""
-        if self.fd < 0 or not self.ascending or self.upto == 0:
+        if not self.resumable():
             return None
         return Partial(self.lsn, self.header, self.fd, self.staged, self.hashes, self.upto,
-                       self.dirty)
+                       self.dirty, store)
+
+    def resumable(self) -> bool:
+        return self.fd >= 0 and self.ascending and self.upto > 0
 
 
 def _stageable(h: Header) -> bool:
@@ -186,6 +191,8 @@ class Session:
         self._busy: concurrent.futures.Future[tuple[set[int], Exception | None]] | None = None
         self._closing = False
         self._malformed = False  # a bad frame ended the stream: keep no partial record
+        self._closer: asyncio.Future[None] | None = None
+        self._released: asyncio.Future[None] | None = None  # release_open, once
 
     async def run(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
@@ -229,7 +236,11 @@ class Session:
             elif error is not None:
                 raise error
         finally:
-            await self._close()
+            # in a task of its own: gRPC may cancel this handler again while the close
+            # awaits the worker, and a close cut short would leave the dataset shown as
+            # connected, and its records unreleased, until the receiver restarts
+            self._closer = asyncio.ensure_future(self._close())
+            await asyncio.shield(self._closer)
 
     async def _storage_failed(self, error: OSError, context: grpc.aio.ServicerContext) -> None:
         """The receiver's own storage failed (a full disk, an I/O error): nothing was
@@ -260,7 +271,7 @@ class Session:
         self.receiver.attach(self)
         if older is not None and older is not self:
             await older.quiesce()
-            older.release_open()  # now, so that its partials are in this welcome
+            await older.release_open()  # now, so that its partials are in this welcome
         welcome = pb.Welcome(protocol_version=PROTOCOL_VERSION,
                              capabilities=[CAPABILITY_RECORDS])
         for i, d in enumerate(hello.datasets):
@@ -393,7 +404,30 @@ class Session:
             error = error or e
         if touched:
             _sync_all([self.datasets[i].journal for i in touched])
+            if error is None:
+                self._save_partials(touched)
         return touched, error
+
+    def _save_partials(self, touched: set[int]) -> None:
+        """After a group commit: saves the progress of each big new file being received
+        every SAVE_EVERY_BYTES (for a restart to continue it; in the store's thread, so
+        that the blocks keep coming meanwhile), and forgets a saved one whose record is
+        over (journaled, aborted or replaced), its END now durable."""
+        for i in touched:
+            ds, open_ = self.datasets[i], self._open[i]
+            store = ds.partials
+            if ds.partial is None:
+                store.keep_only(open_.staged if open_ is not None and open_.fd >= 0 else "")
+            if open_ is None or not open_.resumable():
+                if open_ is not None and not open_.ascending:
+                    # a block below the saved ones was rewritten: they no longer match
+                    # their hashes, and no restart may continue from them
+                    store.forget(open_.staged)
+                continue
+            saved = store.saved_blocks(open_.staged)
+            if (open_.upto - saved) * open_.header.block_size >= SAVE_EVERY_BYTES:
+                store.save_soon(open_.lsn, open_.header, open_.fd, open_.staged,
+                                open_.hashes, open_.upto)
 
     async def quiesce(self) -> None:
         """Stops taking frames and waits for the batch in the worker thread to finish."""
@@ -490,9 +524,7 @@ class Session:
     @staticmethod
     def _start_staged(ds: ReceiverDataset, open_: _Open, lsn: int) -> None:
         h = open_.header
-        n = open_.nblocks
-        last = block_length(n - 1, h.size, h.block_size)
-        open_.hashes = bytearray(zero_hash(h.block_size) * (n - 1) + zero_hash(last))
+        open_.hashes = new_hashes(h)
         open_.fd, open_.staged = ds.mirror.new_incoming(lsn)
 
     def _finish_staged(self, ds: ReceiverDataset, open_: _Open, lsn: int, end: End) -> None:
@@ -520,25 +552,40 @@ class Session:
             ds.mirror.discard_staged(open_.staged)
             raise
 
-    def release_open(self) -> None:
+    async def release_open(self) -> None:
         """Lets go of the records this stream did not finish (call once no batch is in the
         worker thread): a big new file broken off part way becomes its dataset's partial
-        (unless a malformed frame ended the stream), any other staged file is deleted,
-        since no record can name it (its END was never journaled). Safe to call twice."""
+        (unless a malformed frame ended the stream), made durable and saved for a restart;
+        any other staged file is deleted, since no record can name it (its END was never
+        journaled). The work runs once, in a thread (it fdatasyncs); every caller waits
+        for it."""
+        if self._released is None:
+            self._released = asyncio.ensure_future(asyncio.to_thread(self._release_open))
+        await asyncio.shield(self._released)
+
+    def _release_open(self) -> None:
         for i, (ds, open_) in enumerate(zip(self.datasets, self._open, strict=True)):
             self._open[i] = None
             if open_ is None or open_.fd < 0:
                 continue
-            partial = None if self._malformed else open_.partial()
+            partial = None if self._malformed else open_.partial(ds.partials)
             if partial is None:
                 os.close(open_.fd)
+                ds.partials.forget(open_.staged)
                 ds.mirror.discard_staged(open_.staged)
                 continue
             if ds.partial is not None:
                 ds.partial.discard(ds.mirror, ds.label, "replaced")
+            try:
+                ds.partials.save(partial.lsn, partial.header, partial.fd, partial.staged,
+                                 partial.hashes, partial.blocks)
+            except OSError as e:  # kept all the same: a restart resumes from an earlier save
+                log.warning("partial record not saved dataset=%s lsn=%d error=%s", ds.label,
+                            partial.lsn, e.strerror or e)
             ds.partial = partial
-            log.info("partial record kept dataset=%s lsn=%d path=%r blocks=%d of=%d",
-                     ds.label, partial.lsn, open_.header.path, partial.blocks, open_.nblocks)
+            log.info("partial record kept dataset=%s lsn=%d path=%r blocks=%d of=%d saved=%d",
+                     ds.label, partial.lsn, open_.header.path, partial.blocks, open_.nblocks,
+                     ds.partials.saved_blocks(partial.staged))
 
     def _heartbeat(self, hb: pb.Heartbeat) -> None:
         mono = time.monotonic()
@@ -589,7 +636,7 @@ class Session:
         await self.quiesce()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self.release_open()
+        await self.release_open()
         if self.receiver.detach(self):
             for ds in self.datasets:
                 ds.journal.discard_open()

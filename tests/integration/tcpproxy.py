@@ -4,6 +4,10 @@ bytes that cross, and to cut the link on demand.
 `cut_after(n)` does the same as soon as `n` bytes have gone up, exactly, however fast the
 peers are (a test that polls the counter may see the whole transfer pass first).
 
+`hold_after(n)` stops forwarding upwards once `n` bytes have gone up, leaving connections
+open (as a stalled path does), until `release()`: the receiver gets exactly those bytes and
+the test can then do something to either end (kill it) at a known point of the transfer.
+
 `cut()` resets every open connection (SO_LINGER 0, so the peers see RST rather than a
 polite FIN, as when a network path dies or a middlebox drops state) and then keeps
 resetting new connections until `resume()`. Each direction is pumped by its own task, so
@@ -71,6 +75,9 @@ class TcpProxy:
         self._cut_after: int | None = None
         self._cut_done = asyncio.Event()
         self._cut_task: asyncio.Task[None] | None = None
+        self._hold_after: int | None = None
+        self._holding = asyncio.Event()
+        self._released = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -116,6 +123,19 @@ class TcpProxy:
     async def _cut_now(self) -> None:
         await self.cut()
         self._cut_done.set()
+
+    def hold_after(self, nbytes: int) -> asyncio.Event:
+        """Stop forwarding upwards once `bytes_up` reaches `nbytes` (connections stay
+        open) until `release()`; the event is set once it holds."""
+        self._hold_after = nbytes
+        self._holding.clear()
+        self._released.clear()
+        return self._holding
+
+    def release(self) -> None:
+        """Forward again what `hold_after` held, and everything after it."""
+        self._hold_after = None
+        self._released.set()
 
     def resume(self) -> None:
         """Accept and proxy new connections again."""
@@ -206,6 +226,9 @@ class TcpProxy:
                     self._cut_after = None
                     self._cut_task = asyncio.create_task(self._cut_now())
                     await self._cut_done.wait()  # cancelled by the cut
+                if self._hold_after is not None and self.bytes_up >= self._hold_after:
+                    self._holding.set()
+                    await self._released.wait()
             else:
                 self.bytes_down += len(data)
         if dst.can_write_eof() and not dst.is_closing():

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,46 @@ def test_unusable_state_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert last.startswith("replicator agent: dataset docs: cannot open the agent index"), \
         r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _dataset_with_mirror_under_a_file(tmp_path: Path) -> None:
+    """A dataset the receiver opens at start, whose mirror_root is a file: the config is
+    valid, but the mirror's directory cannot be made."""
+    (tmp_path / "m").write_text("not a directory")
+
+
+def _dataset_with_a_corrupt_record(tmp_path: Path) -> None:
+    (tmp_path / "s" / "sources" / "app1" / "docs" / "dataset.json").write_text("{torn")
+
+
+UNEXPECTED = {
+    "mirror_root is a file": (_dataset_with_mirror_under_a_file, "NotADirectoryError"),
+    "dataset.json is corrupt": (_dataset_with_a_corrupt_record, "JSONDecodeError"),
+}
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["info", "debug"])
+@pytest.mark.parametrize(("provoke", "error"), UNEXPECTED.values(), ids=UNEXPECTED.keys())
+def test_unexpected_error_is_one_line_and_exit_2(tmp_path: Path,
+                                                 provoke: Callable[[Path], None], error: str,
+                                                 debug: bool) -> None:
+    """An error no named error covers reaches the CLI's last handler: exit 2 and one line;
+    the traceback only at --log-level debug, before that line."""
+    conf = receiver_config(tmp_path / "r.toml", listen_port=free_port(), state=tmp_path / "s",
+                           mirror_root=tmp_path / "m")
+    meta = tmp_path / "s" / "sources" / "app1" / "docs" / "dataset.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"source": "app1", "dataset": "docs", "type": "directory"}')
+    provoke(tmp_path)
+    level = ["--log-level", "debug"] if debug else []
+    r = subprocess.run([sys.executable, "-m", "replicator", "receiver", "--config", str(conf),
+                        *level], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"replicator receiver: unexpected error: {error}: "), r.stderr
+    if debug:
+        assert "Traceback (most recent call last):" in r.stderr
+        assert "--log-level debug" not in lines[-1]
+    else:
+        assert len(lines) == 1, r.stderr
+        assert lines[0].endswith("(run with --log-level debug for the traceback)")

@@ -62,6 +62,34 @@ def test_full_disk_is_reported_and_nothing_is_lost(tmp_path: Path, small_fs: Pat
         _stop(mirror)
 
 
+def _journal_bytes(state: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(state)
+               if os.path.basename(d) == "journal" for n in names)
+
+
+def test_journal_churn_on_a_small_disk_is_reclaimed_as_it_goes(tmp_path: Path,
+                                                               small_fs: Path) -> None:
+    """More small-file changes than the disk holds go through the journal: its segments fit
+    the disk and applied ones are released as they go, so the disk never fills (with 64 MiB
+    segments the applied records stayed on disk until it was full, and for good)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    dst = small_fs / "dst"
+    mirror, url = start_mirror(tmp_path, src, dst, "--state-dir", str(small_fs / "state"))
+    try:
+        sizes = []
+        for _ in range(8):  # 8 x 4 MiB through the journal: more than the 24 MiB disk
+            for i in range(8):
+                (src / f"f{i}").write_bytes(os.urandom(512 << 10))
+            wait_converged(src, dst, timeout=60)
+            assert not get_json(url)["datasets"][0].get("error")
+            sizes.append(_journal_bytes(small_fs / "state"))
+        # caught up: less than the 1 MiB floor of applied records, plus one record
+        assert max(sizes) < (1 << 20) + (600 << 10), sizes
+    finally:
+        _stop(mirror)
+
+
 def test_journal_on_a_full_disk_recovers_once_there_is_room(tmp_path: Path,
                                                             small_fs: Path) -> None:
     # receiver and agent apart, as on two hosts: only the receiver's disk fills up

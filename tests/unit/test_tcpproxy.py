@@ -160,3 +160,19 @@ async def test_cut_after_stops_at_the_mark(echo_port: int) -> None:
         assert 100_000 <= proxy.bytes_up < 100_000 + 64 * 1024
         assert proxy.paused and proxy.open_connections == 0
         writer.transport.abort()
+
+
+async def test_hold_after_stops_forwarding_until_released(echo_port: int) -> None:
+    async with TcpProxy("127.0.0.1", echo_port) as proxy:
+        holding = proxy.hold_after(100_000)
+        reader, writer = await _connect(proxy.port)
+        payload = os.urandom(1 << 20)
+        writer.write(payload)
+        await asyncio.wait_for(holding.wait(), DEADLINE)
+        await asyncio.sleep(0.2)  # nothing more goes up while it holds
+        assert 100_000 <= proxy.bytes_up < 100_000 + 64 * 1024
+        assert proxy.open_connections == 1 and not proxy.paused
+        proxy.release()
+        assert await asyncio.wait_for(reader.readexactly(1 << 20), DEADLINE) == payload
+        assert proxy.bytes_up == 1 << 20
+        writer.close()

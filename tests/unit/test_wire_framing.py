@@ -42,8 +42,12 @@ def test_varint_matches_protobuf(n: int) -> None:
 @pytest.mark.parametrize("frame", [*BLOCKS, *FRAMES], ids=repr)
 def test_frame_bytes_are_what_protobuf_serialises(dataset: int, frame: Frame) -> None:
     parts = encode_frame(dataset, frame)
-    expected = pb.Batch(frames=[frame_to_pb(dataset, frame)]).SerializeToString()
-    assert b"".join(parts) == expected
+    message = pb.Batch(frames=[frame_to_pb(dataset, frame)])
+    expected = message.SerializeToString()
+    if isinstance(frame.body, Block):  # encoded by hand: the very bytes
+        assert b"".join(parts) == expected
+    else:  # by protobuf, whose map order may differ between two serialisations
+        assert pb.Batch.FromString(b"".join(parts)) == message
     assert parts_size(parts) == len(expected)
 
 
@@ -60,7 +64,7 @@ def test_batch_message_parses_as_the_agent_message_it_stands_for() -> None:
     expected = pb.AgentMessage()
     for f in frames:
         frame_to_pb(2, f, expected.batch.frames.add())
-    assert msg == expected.SerializeToString()
+    assert pb.AgentMessage.FromString(msg) == expected
     assert len(msg) == message_size(parts_size(parts)) == expected.ByteSize()
     parsed = pb.AgentMessage.FromString(msg)
     assert [frame_from_pb(m) for m in parsed.batch.frames] == [

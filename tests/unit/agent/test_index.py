@@ -7,7 +7,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from replicator.agent.index import (
     Mutation,
     Put,
     Remove,
+    Sending,
     View,
 )
 
@@ -679,3 +680,68 @@ def test_acked_records_leave_the_inflight_table(tmp_path: Path) -> None:
     view.save()
     assert index.load_inflight() == []
     assert view.in_flight == 0 and list(view.paths()) == []
+
+
+# ---- the big file being sent ---------------------------------------------------------
+
+BIG_INO = (1 << 64) - 5  # above SQLite's signed 64-bit range
+
+
+def sending(lsn: int, path: str = "big\udcff.bin") -> Sending:
+    return Sending(lsn, path, 80 << 20, 1_700_000_000_123_456_789, 1_700_000_000_987_654_321,
+                   BIG_INO, BIG_INO - 1, 1_700_000_000.25)
+
+
+def test_the_file_being_sent_survives_a_restart(db: Path) -> None:
+    index = Index(db)
+    index.save_sending(sending(3))
+    index.save_sending(sending(5, "other"))  # one at a time: the later replaces it
+    index.close()
+    index = Index(db)
+    got = index.load_sending()
+    assert got == sending(5, "other") and got is not None
+    assert (got.ino, got.dev, got.first_seen) == (BIG_INO, BIG_INO - 1, 1_700_000_000.25)
+    index.close()
+
+
+SENDING_FORGOTTEN = {
+    # (what happens after the save of LSN 5, still remembered?)
+    "its record is acknowledged": (lambda v: (v.record(5, [F("a", 1)]), v.acked(5)), False),
+    "a later one is": (lambda v: (v.record(6, [F("a", 1)]), v.acked(6)), False),
+    "an earlier one is": (lambda v: (v.record(4, [F("a", 1)]), v.acked(4)), True),
+    "a rewind to before it": (lambda v: v.rewind(4), True),
+    "a rewind past it": (lambda v: v.rewind(5), False),
+    "a reset": (lambda v: v.reset(), False),
+}
+
+
+@pytest.mark.parametrize(("then", "kept"), SENDING_FORGOTTEN.values(),
+                         ids=SENDING_FORGOTTEN.keys())
+def test_the_file_being_sent_is_forgotten_once_its_record_is_acknowledged(
+        db: Path, then: Callable[[View], object], kept: bool) -> None:
+    index = Index(db)
+    view = View(index)
+    index.save_sending(sending(5))
+    then(view)
+    assert (index.load_sending() == sending(5)) is kept
+    index.close()
+    index = Index(db)
+    assert (index.load_sending() == sending(5)) is kept
+    index.close()
+
+
+def test_an_index_from_before_the_sending_table_is_kept(db: Path) -> None:
+    index = Index(db)
+    view = View(index)
+    view.record(1, [F("a", 1, b"h" * 16)])
+    view.acked(1)
+    index.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE sending")  # as an agent of the previous release left it
+    conn.close()
+    index = Index(db)
+    assert index.acked_lsn == 1 and index.hashes("a") == b"h" * 16  # not rebuilt
+    assert index.load_sending() is None
+    index.save_sending(sending(2))
+    assert index.load_sending() == sending(2)
+    index.close()

@@ -17,11 +17,14 @@ from replicator.receiver.journal import (
     ENTRY_HEADER_SIZE,
     FILE_HEADER_SIZE,
     MAX_PAYLOAD,
+    MIN_SEGMENT_SIZE,
     READ_CHUNK,
+    SEGMENT_FREE_DIVISOR,
     Entry,
     EntryKind,
     Journal,
     JournalCorrupt,
+    fit_segment_size,
     segment_name,
 )
 
@@ -621,6 +624,131 @@ def test_reset_starts_over(jdir: Path) -> None:
     j = reopen(jdir, applied=0)
     assert j.flushed_lsn == 101
     assert list(j.entries(1, 101)) == want
+    j.close()
+
+
+# ---- segment sizes that fit the disk, and reclaim -------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("free", "ceiling", "expect"), [
+    (1 << 40, DEFAULT_SEGMENT_SIZE, DEFAULT_SEGMENT_SIZE),         # a roomy disk: the ceiling
+    (64 * MiB * SEGMENT_FREE_DIVISOR, DEFAULT_SEGMENT_SIZE, DEFAULT_SEGMENT_SIZE),
+    (12 * MiB, DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE),            # a small tmpfs: the floor
+    (48 * MiB, DEFAULT_SEGMENT_SIZE, 48 * MiB // SEGMENT_FREE_DIVISOR),
+    (0, DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE),                   # a full disk: the floor
+    (1 << 40, 3000, 3000),                                         # a small ceiling wins
+    (0, 3000, 3000),
+])
+def test_fit_segment_size(free: int, ceiling: int, expect: int) -> None:
+    assert fit_segment_size(free, ceiling) == expect
+
+
+class _Statvfs:
+    """What os.statvfs says of a disk with `free` bytes available (no test can shrink the
+    real disk; the integration test does it with a small tmpfs)."""
+
+    def __init__(self, free: int) -> None:
+        self.f_frsize = 4096
+        self.f_bavail = free // 4096
+
+
+def report_free(monkeypatch: pytest.MonkeyPatch, free: list[int]) -> None:
+    """os.statvfs reports free[0] bytes available, whatever the path."""
+    monkeypatch.setattr(os, "statvfs", lambda path: _Statvfs(free[0]))
+
+
+def segment_sizes(jdir: Path) -> list[int]:
+    return [os.path.getsize(jdir / n) for n in segments(jdir)]
+
+
+RECORD = 100_000  # one block of this size per record: ~0.1 MiB a record
+
+
+@pytest.mark.parametrize(("free", "limit"), [
+    (1 << 40, 4 * MiB),                        # roomy: the ceiling given
+    (48 * MiB, 3 * MiB),                       # 1/16 of what is free
+    (8 * MiB, MIN_SEGMENT_SIZE),               # little: the floor
+])
+def test_segments_fit_the_free_space(jdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                     free: int, limit: int) -> None:
+    report_free(monkeypatch, [free])
+    j = reopen(jdir, segment_size=4 * MiB)
+    records = 12 * MiB // RECORD
+    want = fill(j, 1, [record(i, 1, RECORD) for i in range(1, records + 1)])
+    sizes = segment_sizes(jdir)
+    assert len(sizes) >= 3
+    for size in sizes[:-1]:  # each rolled once past its limit, at a record boundary
+        assert limit <= size < limit + RECORD + 1000, sizes
+    assert list(j.entries(1, records)) == want
+    j.close()
+
+
+def test_a_segment_is_cut_short_when_the_disk_fills_meanwhile(
+        jdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = [1 << 40]
+    report_free(monkeypatch, free)
+    j = reopen(jdir, segment_size=16 * MiB)
+    n = 25
+    fill(j, 1, [record(i, 1, RECORD) for i in range(1, n + 1)])  # ~2.5 MiB, one segment
+    assert len(segments(jdir)) == 1
+    free[0] = 0  # something else filled the disk: the segment stops at the next look
+    fill(j, n + 1, [record(i, 1, RECORD) for i in range(n + 1, 2 * n + 1)])
+    sizes = segment_sizes(jdir)
+    assert len(sizes) >= 2 and sizes[0] < 4 * MiB, sizes
+    assert all(size < MIN_SEGMENT_SIZE + RECORD + 1000 for size in sizes[1:-1]), sizes
+    j.close()
+
+
+CURRENT_SEGMENT_RELEASE = {
+    # (records of ~0.1 MiB, applied, leave a record open, leave the last unsynced): retired?
+    "caught up, 1 MiB or more": (12, 12, False, False, True),
+    "caught up, but small": (3, 3, False, False, False),
+    "one record not applied": (12, 11, False, False, False),
+    "a record open": (12, 12, True, False, False),
+    "written but not flushed": (12, 12, False, True, False),
+}
+
+
+@pytest.mark.parametrize(("n", "applied", "open_", "unsynced", "retired"),
+                         CURRENT_SEGMENT_RELEASE.values(), ids=CURRENT_SEGMENT_RELEASE.keys())
+def test_release_of_the_current_segment(jdir: Path, n: int, applied: int, open_: bool,
+                                        unsynced: bool, retired: bool) -> None:
+    j = reopen(jdir)
+    want = fill(j, 1, [record(i, 1, RECORD) for i in range(1, n + 1 - unsynced)])
+    if unsynced:
+        want += fill(j, n, [record(n, 1, RECORD)], sync=False)
+    if open_:
+        j.append(n + 1, H, b"open")
+    j.release(applied)
+    assert segments(jdir) == ([] if retired else [segment_name(1)])
+    if open_:
+        j.append(n + 1, E, b"end")
+        want += [Entry(n + 1, H, b"open"), Entry(n + 1, E, b"end")]
+    # appending goes on either way; a retired segment's successor is named after its LSN
+    last = j.written_lsn
+    want += fill(j, last + 1, [record(last + 1, 1)])
+    assert segments(jdir)[-1] == segment_name(last + 1 if retired else 1)
+    assert list(j.entries(applied + 1, last + 1)) == [e for e in want if e.lsn > applied]
+    j.close()
+    j = reopen(jdir, applied=applied)
+    assert j.flushed_lsn == last + 1
+    assert list(j.entries(applied + 1, last + 1)) == [e for e in want if e.lsn > applied]
+    j.close()
+
+
+def test_a_caught_up_journal_keeps_less_than_the_floor(jdir: Path) -> None:
+    """Records applied as they come (as the receiver does): on disk, at most the floor's
+    worth of applied records plus one, however much went through."""
+    j = reopen(jdir)
+    peak = 0
+    for lsn in range(1, 40 * MiB // RECORD):
+        append(j, lsn, record(lsn, 1, RECORD))
+        j.sync()
+        j.release(lsn)
+        peak = max(peak, sum(segment_sizes(jdir)))
+    assert peak < MIN_SEGMENT_SIZE + 2 * RECORD, peak
     j.close()
 
 

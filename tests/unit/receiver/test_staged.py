@@ -12,23 +12,26 @@ import asyncio
 import dataclasses
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from replicator.core.blocks import HASH_SIZE
 from replicator.core.records import End, Frame, Record
 from replicator.errors import ProtocolError
+from replicator.receiver import partial as partial_mod
 from replicator.receiver import session as session_mod
 from replicator.receiver.applier import ApplyError
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.journal import EntryKind
 from replicator.receiver.mirror import INCOMING_PREFIX
+from replicator.receiver.partial import HASHES_SUFFIX, RECORD_NAME, STORE_DIR, new_hashes
 from replicator.receiver.session import Session
 from replicator.wire import pb
 from replicator.wire.convert import frame_to_pb
 from replicator.wire.stream import RawBatch
-from tests.unit.receiver.test_applier import BS, data, delete, new_file
+from tests.unit.receiver.test_applier import BS, data, delete, hashes_of, new_file
 
 STAGE_MIN = 64 << 10   # small for the tests; records from here on are staged
 BIG = 300_000          # not a multiple of BS: the last block is short
@@ -77,8 +80,11 @@ class Env:
         while self.ds.applied_lsn < self.ds.flushed_lsn:
             self.ds.applier.apply_upto(self.ds.flushed_lsn)
 
-    def crash(self) -> None:
-        """As after kill -9: nothing finishes; the files stay as they are on disk."""
+    def crash(self, before_open: Callable[[], None] | None = None) -> None:
+        """As after kill -9: nothing finishes; the files stay as they are on disk (and
+        `before_open` may change them before the dataset is opened again). A save of a
+        partial record under way lands first: the tests say which saves they expect."""
+        self.ds.partials.close()
         for o in self.session._open:
             if o is not None and o.fd >= 0:
                 os.close(o.fd)
@@ -88,10 +94,13 @@ class Env:
         self.ds.journal._opened = False
         self.ds.manifest.close()  # discards what was not committed, as a crash would
         self.ds.mirror.close()
+        if before_open is not None:
+            before_open()
         self.ds = self._open()
         self.session = self._session()
 
     def close(self) -> None:
+        self.ds.partials.close()
         self.ds.journal.close()
         self.ds.mirror.close()
         self.ds.manifest.close()
@@ -300,15 +309,173 @@ def test_blocks_out_of_order_leave_no_partial(env: Env) -> None:
     assert env.ds.partial is None and env.incoming() == []
 
 
-def test_a_restart_forgets_the_partial_and_deletes_its_file(env: Env) -> None:
-    r = new_file(1, "f", data(BIG))
+def saved_state(env: Env) -> list[str]:
+    """The files of the dataset's saved partial record (see receiver.partial)."""
+    d = env.root / "state" / STORE_DIR
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def resume_rest(env: Env, r: Record, start: int) -> None:
+    env.send(Frame(r.lsn, dataclasses.replace(r.header, resume_from=start)),
+             *(Frame(r.lsn, b) for b in r.blocks[start:]), Frame(r.lsn, r.end))
+
+
+def test_a_partial_saved_when_the_stream_broke_survives_a_restart(env: Env) -> None:
+    content = data(BIG, seed=11)
+    r = new_file(1, "f", content)
     broken_off(env, r, 3)
     assert env.ds.partial is not None
-    env.crash()  # the partial lived in memory only; recovery cleans its file up
-    assert env.ds.partial is None and env.incoming() == []
-    env.send_records(r)
+    staged_name = os.path.basename(env.ds.partial.staged)
+    assert saved_state(env) == sorted([RECORD_NAME, staged_name + HASHES_SUFFIX])
+    env.crash()  # as kill -9: the partial is loaded back from disk, its file kept
+    p = env.ds.partial
+    assert p is not None and (p.lsn, p.blocks, p.header) == (1, 3, r.header)
+    assert len(env.incoming()) == 1
+    # the hashes of the blocks it holds come back from disk, the rest are holes' hashes
+    assert bytes(p.hashes) == hashes_of(content[:3 * BS]) + bytes(
+        new_hashes(r.header))[3 * HASH_SIZE:]
+    pos = p.position()
+    assert (pos.lsn, pos.path, pos.size, pos.blocks) == (1, b"f", BIG, 3)
+    resume_rest(env, r, 3)
+    assert env.ds.partial is None and saved_state(env) == []  # its record is journaled
     env.apply()
-    assert env.read("f") == data(BIG)
+    assert env.read("f") == content
+    assert env.incoming() == [] and env.keeps() == []
+
+
+def test_a_kill_mid_stream_keeps_what_was_saved_and_cuts_the_rest(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    content = data(BIG, seed=12)
+    r = new_file(1, "f", content)
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:10]))   # saved: 10
+    env.ds.partials.wait()  # (in the store's thread)
+    env.send(*(Frame(1, b) for b in r.blocks[10:17]))                     # 7 more: not yet
+    staged = env.root / "state" / "staging" / env.incoming()[0]
+    assert staged.stat().st_size == 17 * BS
+    env.crash()  # no stream end: only the save made while it arrived counts
+    p = env.ds.partial
+    assert p is not None and p.blocks == 10
+    # blocks 10-16 were written but never made durable: cut, so they read as holes
+    assert staged.stat().st_size == 10 * BS
+    assert bytes(p.hashes[:10 * HASH_SIZE]) == hashes_of(content[:10 * BS])
+    resume_rest(env, r, 10)
+    env.apply()
+    assert env.read("f") == content
+
+
+def test_a_partial_broken_off_again_after_a_restart_saves_its_progress(env: Env) -> None:
+    content = data(BIG, seed=13)
+    r = new_file(1, "f", content)
+    broken_off(env, r, 2)
+    env.crash()
+    env.send(Frame(1, dataclasses.replace(r.header, resume_from=2)),
+             *(Frame(1, b) for b in r.blocks[2:6]))
+    asyncio.run(env.session._close())
+    env.crash()
+    p = env.ds.partial
+    assert p is not None and p.blocks == 6
+    assert bytes(p.hashes[:6 * HASH_SIZE]) == hashes_of(content[:6 * BS])
+    resume_rest(env, r, 6)
+    env.apply()
+    assert env.read("f") == content
+
+
+def test_a_save_that_fails_does_not_stop_the_record(
+        env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    (env.root / "state" / STORE_DIR).write_text("in the way")  # no store can be made
+    content = data(BIG, seed=17)
+    r = new_file(1, "f", content)
+    env.send(Frame(1, r.header))
+    for i in range(0, len(r.blocks), 10):
+        env.send(*(Frame(1, b) for b in r.blocks[i:i + 10]))
+    env.send(Frame(1, r.end))
+    env.ds.partials.wait()
+    assert caplog.text.count("partial record not saved") == 1  # once, not every 8 blocks
+    env.apply()
+    assert env.read("f") == content
+
+
+def test_blocks_out_of_order_after_a_save_forget_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:10]))
+    env.ds.partials.wait()
+    assert saved_state(env) != []
+    env.send(Frame(1, r.blocks[2]))  # below the saved blocks: they are no longer trusted
+    env.crash()
+    assert env.ds.partial is None and saved_state(env) == [] and env.incoming() == []
+
+
+def _rewrite_record(env: Env, lsn: int) -> None:
+    path = env.root / "state" / STORE_DIR / RECORD_NAME
+    _, header, name, blocks = partial_mod._decode(path.read_bytes())
+    path.write_bytes(partial_mod._encode(lsn, header, os.fsdecode(name), blocks))
+
+
+def _flip(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
+def _hashes_file(env: Env) -> Path:
+    return next((env.root / "state" / STORE_DIR).glob("*" + HASHES_SUFFIX))
+
+
+UNUSABLE: dict[str, Callable[[Env], object]] = {
+    "not the next record": lambda env: _rewrite_record(env, 2),
+    "staged file gone": lambda env: os.unlink(
+        env.root / "state" / "staging" / env.incoming()[0]),
+    "hashes gone": lambda env: os.unlink(_hashes_file(env)),
+    "hashes short": lambda env: os.truncate(_hashes_file(env), 2 * HASH_SIZE),
+    "record torn": lambda env: _flip(env.root / "state" / STORE_DIR / RECORD_NAME, 30),
+    "record of another version": lambda env: _flip(
+        env.root / "state" / STORE_DIR / RECORD_NAME, 4),
+    "record empty": lambda env: (env.root / "state" / STORE_DIR / RECORD_NAME).write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_a_saved_partial_that_does_not_check_out_is_dropped(
+        env: Env, damage: Callable[[Env], object]) -> None:
+    r = new_file(1, "f", data(BIG, seed=14))
+    broken_off(env, r, 3)
+    env.crash(before_open=lambda: damage(env))
+    assert env.ds.partial is None
+    assert saved_state(env) == [] and env.incoming() == []  # recovery deleted its file
+    env.send_records(r)  # the agent is told of no partial: it sends the file whole
+    env.apply()
+    assert env.read("f") == data(BIG, seed=14)
+
+
+def test_a_saved_partial_whose_record_was_journaled_leaves_its_file_to_the_journal(
+        env: Env) -> None:
+    r = new_file(1, "f", data(BIG, seed=15))
+    broken_off(env, r, 3)
+    record_file = (env.root / "state" / STORE_DIR / RECORD_NAME).read_bytes()
+    resume_rest(env, r, 3)
+    assert saved_state(env) == []
+    # a crash before the cleared state was durable: the record is there again
+    (env.root / "state" / STORE_DIR / RECORD_NAME).write_bytes(record_file)
+    env.crash()
+    assert env.ds.partial is None and saved_state(env) == []
+    assert env.read("f") == data(BIG, seed=15)  # recovery applied it from the staged file
+    assert env.incoming() == []
+
+
+def test_another_record_at_that_lsn_after_a_restart_drops_the_saved_partial(env: Env) -> None:
+    broken_off(env, new_file(1, "f", data(BIG)), 4)
+    env.crash()
+    assert env.ds.partial is not None
+    other = data(BIG, seed=16)  # the file changed while the receiver was down
+    env.send_records(new_file(1, "f", other))
+    assert env.ds.partial is None and saved_state(env) == []
+    env.apply()
+    assert env.read("f") == other
+    assert env.incoming() == []
 
 
 def test_crash_before_apply_replays_from_the_staged_file(env: Env) -> None:
