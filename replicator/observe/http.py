@@ -41,7 +41,8 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                async with asyncio.timeout(2):  # not wait_for, which can lose a cancel
+                    await self._server.wait_closed()
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -64,7 +65,8 @@ class HttpServer:
                        writer: asyncio.StreamWriter) -> bool:
         """Serves one request; True if the connection stays open for another."""
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
+            async with asyncio.timeout(IDLE_TIMEOUT):  # not wait_for: see stop()
+                head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as e:
             if e.partial:
                 raise

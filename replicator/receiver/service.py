@@ -54,7 +54,8 @@ class ReplicatorServicer(rpc.ReplicatorServicer):
         requests = request_iterator
         if self.receiver.require_client_identity:
             try:
-                first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+                async with asyncio.timeout(HELLO_TIMEOUT):  # not wait_for: see Link._session
+                    first = await anext(request_iterator)
             except (StopAsyncIteration, TimeoutError):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
                 return

@@ -197,7 +197,8 @@ class Session:
     async def run(self, requests: AsyncIterator[pb.AgentMessage | RawBatch],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ReceiverMessage]:
         try:
-            first = await asyncio.wait_for(anext(requests), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):  # not wait_for: see Link._session
+                first = await anext(requests)
         except (StopAsyncIteration, TimeoutError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no hello")
             return

@@ -43,3 +43,19 @@ def test_tuned_malloc_serves_message_sized_buffers_from_the_heap() -> None:
     # glibc's default: 4 MiB is above its initial mmap threshold (128 KiB), so it is mmapped
     assert untuned >= 4 << 20
     assert _mmapped_bytes("tuned") < 4 << 20
+
+
+def test_no_asyncio_wait_for_in_the_package() -> None:
+    """In Python 3.11 asyncio.wait_for loses a cancellation that arrives as the awaited
+    thing completes, and a daemon then ignores SIGTERM/SIGINT for good (it happened twice:
+    the agent's reconcile loop, then its wait for the welcome). asyncio.timeout does not."""
+    import re
+    from pathlib import Path
+
+    import replicator
+
+    root = Path(replicator.__file__).parent
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"asyncio\.wait_for\(", line)]
+    assert offenders == []
