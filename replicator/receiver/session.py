@@ -513,7 +513,9 @@ class Session:
         checked = _Open(lsn, h)
         for b in f.record.blocks:
             _check_block(checked, b, ds.label, lsn)
-        self._append(ds, lsn, EntryKind.RECORD, f.SerializeToString())
+        payload = f.SerializeToString()
+        self._append(ds, lsn, EntryKind.RECORD, payload)
+        ds.applier.decoded.put(lsn, payload, whole)  # spares the applier decoding it again
 
     @staticmethod
     def _append(ds: ReceiverDataset, lsn: int, kind: EntryKind, payload: bytes) -> None:

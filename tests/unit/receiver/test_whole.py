@@ -134,3 +134,35 @@ def test_a_whole_record_inside_an_open_record_is_refused(two_envs: tuple[Env, En
     big = new_file(1, "big", data(STAGE_MIN, seed=4))
     with pytest.raises(ProtocolError, match="record inside record 1"):
         env.send(*big.frames()[:2], new_file(2, "f", b"x").whole())
+
+
+def test_the_applier_takes_what_the_session_decoded(two_envs: tuple[Env, Env],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from replicator.receiver import applier as applier_mod
+
+    _, env = two_envs
+    records = _records()[:5]                       # small ones, LSNs 1-5
+    env.send(*(r.whole() for r in records))
+    assert len(env.ds.applier.decoded) == len(records)
+    decodes: list[bytes] = []
+    real = applier_mod.decode_frame
+    monkeypatch.setattr(applier_mod, "decode_frame", lambda p: (decodes.append(p), real(p))[1])
+    env.apply()
+    assert decodes == [] and len(env.ds.applier.decoded) == 0
+    assert env.read("d/a") == data(100)
+
+
+def test_decoded_records_are_used_only_for_the_very_bytes_and_stay_bounded() -> None:
+    from replicator.receiver.applier import DecodedRecords
+
+    whole = new_file(1, "f", b"x").whole().body
+    assert isinstance(whole, Whole)
+    d = DecodedRecords()
+    d.put(1, b"payload", whole)
+    assert d.take(1, b"other bytes") is None and len(d) == 0   # a rewritten journal entry
+    d.put(2, b"payload", whole)
+    assert d.take(2, b"payload") is whole and d.take(2, b"payload") is None
+    d.MAX_BYTES = 10
+    d.put(3, b"12345678", whole)
+    d.put(4, b"12345678", whole)                                # over the bound: not kept
+    assert d.take(3, b"12345678") is whole and d.take(4, b"12345678") is None
