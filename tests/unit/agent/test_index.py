@@ -745,3 +745,22 @@ def test_an_index_from_before_the_sending_table_is_kept(db: Path) -> None:
     index.save_sending(sending(2))
     assert index.load_sending() == sending(2)
     index.close()
+
+
+def test_new_files_cost_no_subtree_delete_and_a_file_over_a_directory_does(
+        db: Path, index: Index) -> None:
+    view = View(index)
+    view.record(1, [Put("d", entry(KIND_DIR)), F("d/x", 1), Put("d/sub", entry(KIND_DIR)),
+                    F("d/sub/y", 2)])
+    view.acked(1)
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    view.record(2, [F(f"new{i}", i) for i in range(5)])
+    view.acked(2)
+    # per new file: the row and its hashes, no search below it
+    assert not [s for s in statements if s.startswith("DELETE FROM files")]
+    view.record(3, [F("d", 9)])    # a file where a directory with a subtree was
+    view.acked(3)
+    index._db.set_trace_callback(None)
+    assert reopened(db)[0] == {**{f"new{i}": (KIND_FILE, i) for i in range(5)},
+                               "d": (KIND_FILE, 9)}
