@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from replicator.durable import fsync_dir, write_atomic
+
 CONFIRMATION_FILE = "allow-empty"
 ROOT_MOUNT_FILE = "root-mount"
 KIND = "replicator-allow-empty"
@@ -106,7 +108,7 @@ def discard(directory: Path) -> None:
         (directory / CONFIRMATION_FILE).unlink()
     except FileNotFoundError:
         return
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # ---- the root's mount point ----
@@ -151,21 +153,7 @@ def record_mount_point(directory: Path, mount: bytes) -> None:
 # ---- files ----
 
 def _write(directory: Path, name: str, data: bytes) -> None:
-    final = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask may have taken read bits away
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    write_atomic(directory / name, data, FILE_MODE)
 
 
 def _read(directory: Path, name: str) -> bytes | None:
@@ -174,11 +162,3 @@ def _read(directory: Path, name: str) -> bytes | None:
             return f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -72,6 +72,7 @@ from replicator.core.blocks import (
 )
 from replicator.core.paths import encode_name, quote_path
 from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op, Whole
+from replicator.durable import pwrite_all
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
 from replicator.receiver.journal import (
     Entry,
@@ -287,18 +288,6 @@ class _RecordReader:
 
 def _parent(path: str) -> str:
     return path.rpartition("/")[0]
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    n = os.pwrite(fd, data, offset)
-    if n == len(data):
-        return  # almost always: a file write is short only on a signal or a full disk
-    view = memoryview(data)[n:]
-    offset += n
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class Applier:
@@ -684,10 +673,10 @@ class Applier:
             if block.codec is Codec.ZERO:
                 h_i = zero_hash(raw_len)
                 if old is not None:  # a new file is all holes already
-                    _pwrite_all(fd, decode_block(block.codec, raw_len, b"", bs), i * bs)
+                    pwrite_all(fd, decode_block(block.codec, raw_len, b"", bs), i * bs)
             else:
                 data = decode_block(block.codec, raw_len, block.data, bs)
-                _pwrite_all(fd, data, i * bs)
+                pwrite_all(fd, data, i * bs)
                 h_i = block_hash(data)
                 sized = sized or (old is None and i == n - 1)
             hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h_i

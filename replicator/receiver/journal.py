@@ -53,6 +53,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from replicator.durable import fsync_dir, pwrite_all
 from replicator.errors import ReplicatorError
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,6 @@ def _parse_segment_name(name: str) -> int | None:
     return None
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     data = os.pread(fd, n, offset)
     if len(data) == n:
@@ -170,14 +163,6 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
-
-
-def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 class _EntryReader:

@@ -46,8 +46,8 @@ from pathlib import Path
 from replicator.core.blocks import HASH_SIZE, block_count, block_length, zero_hash
 from replicator.core.paths import encode_name
 from replicator.core.records import Base, Frame, Header, Op
+from replicator.durable import fsync_dir, pwrite_all, write_atomic
 from replicator.errors import ProtocolError
-from replicator.receiver.journal import fsync_dir, pwrite_all
 from replicator.receiver.mirror import Mirror
 from replicator.wire import pb
 from replicator.wire.convert import decode_frame, encode_frame
@@ -326,16 +326,7 @@ class PartialStore:
         return Partial(lsn, header, fd, staged, hashes, blocks, 0, self)
 
     def _write_record(self, data: bytes) -> None:
-        path = self.directory / RECORD_NAME
-        tmp = path.with_name(RECORD_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            pwrite_all(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(self.directory)
+        write_atomic(self.directory / RECORD_NAME, data)
 
     def _clear(self) -> None:
         self._staged, self._saved = "", 0

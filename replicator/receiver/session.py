@@ -58,6 +58,7 @@ from replicator.core.blocks import (
 )
 from replicator.core.paths import encode_name, split_relpath
 from replicator.core.records import Base, Block, Codec, End, Header, Op, Whole
+from replicator.durable import pwrite_all
 from replicator.errors import PathRefused, ProtocolError
 from replicator.lag import AgentLag, ClockOffset
 from replicator.receiver.dataset import ReceiverDataset
@@ -117,28 +118,27 @@ class _Open:
         self.run_first = 0
         self.run_bytes = 0
 
-    def write(self, index: int, data: bytes | memoryview, block_size: int) -> None:
+    def write(self, index: int, data: bytes | memoryview) -> None:
         """Stages block `index`: it joins the run of blocks to be written with one call if
         it follows it (the run is written first if not, or if it is full)."""
         if self.run and index != self.run_first + len(self.run):
-            self.flush(block_size)
+            self.flush()
         if not self.run:
             self.run_first = index
         self.run.append(data)
         self.run_bytes += len(data)
         if self.run_bytes >= WRITE_RUN_BYTES or len(self.run) >= WRITE_RUN_BUFFERS:
-            self.flush(block_size)
+            self.flush()
 
-    def flush(self, block_size: int) -> None:
+    def flush(self) -> None:
         """Writes the run; only then do its blocks count as staged (`upto`), so a stream
         that breaks on a failed write keeps no claim to them."""
         if not self.run:
             return
-        run, total, offset = self.run, self.run_bytes, self.run_first * block_size
+        run, total, offset = self.run, self.run_bytes, self.run_first * self.header.block_size
         written = os.pwritev(self.fd, run, offset)
-        while written < total:  # rare: a short write; go on from where it stopped
-            rest = memoryview(b"".join(run))[written:]
-            written += os.pwrite(self.fd, rest[:total - written], offset + written)
+        if written < total:  # rare: a short write; go on from where it stopped
+            pwrite_all(self.fd, memoryview(b"".join(run))[written:], offset + written)
         self.dirty += total
         if self.dirty >= WRITEBACK_BYTES:
             self.dirty = 0
@@ -400,7 +400,7 @@ class Session:
         try:  # no block waits in memory once the worker is done: a partial may be kept now
             for open_ in self._open:
                 if open_ is not None and open_.fd >= 0:
-                    open_.flush(open_.header.block_size)
+                    open_.flush()
         except OSError as e:
             error = error or e
         if touched:
@@ -533,7 +533,7 @@ class Session:
     def _finish_staged(self, ds: ReceiverDataset, open_: _Open, lsn: int, end: End) -> None:
         """The staged file made durable, then its STAGED entries journaled; the caller
         appends the END. An aborted record's file is deleted and no STAGED is journaled."""
-        open_.flush(open_.header.block_size)
+        open_.flush()
         fd, open_.fd = open_.fd, -1
         try:
             try:
@@ -678,9 +678,9 @@ def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
         except ProtocolError as e:
             raise ProtocolError(f"{label} LSN {lsn}: block {i}: {e.message}") from None
         open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = block_hash(data)
-        open_.write(i, data, bs)
+        open_.write(i, data)
         return
-    open_.flush(bs)  # blocks before this hole first: `upto` counts in order
+    open_.flush()  # blocks before this hole first: `upto` counts in order
     open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
     if i < open_.upto:
         open_.ascending = False

@@ -95,9 +95,3 @@ def batch_message(parts: list[Buffer], size: int | None = None) -> bytes:
     if size is None:
         size = parts_size(parts)
     return b"".join([AGENT_MESSAGE_BATCH, varint(size), *parts])
-
-
-def message_size(frames_size: int) -> int:
-    """The length of `batch_message` for frames of `frames_size` bytes in all."""
-    return 1 + len(varint(frames_size)) + frames_size
-

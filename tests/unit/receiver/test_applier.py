@@ -720,7 +720,7 @@ def crash_in_place(e: Env, nth: int) -> Callable[[], None]:
     def work() -> None:
         e.open()
         calls = 0
-        real = applier_mod._pwrite_all
+        real = applier_mod.pwrite_all
 
         def pwrite_all(fd: int, data: bytes, offset: int) -> None:
             nonlocal calls
@@ -733,7 +733,7 @@ def crash_in_place(e: Env, nth: int) -> Callable[[], None]:
                     kill_self()
             else:
                 real(fd, data, offset)
-        applier_mod._pwrite_all = pwrite_all  # type: ignore[assignment]
+        applier_mod.pwrite_all = pwrite_all  # type: ignore[assignment]
         e.applier.apply_upto(N, max_records=N, max_seconds=60)
     return work
 
