@@ -117,6 +117,7 @@ class DirectorySource:
         self.config = config
         self.name = config.name
         self.root = Path(config.path)
+        self._root_slash = os.fspath(self.root).rstrip("/") + "/"
         self.block_size = block_size
         self.rescan_interval = rescan_interval
         self.compress = compress  # lz4 data blocks that shrink (else ship them raw)
@@ -427,7 +428,7 @@ class DirectorySource:
             if self.resume is not None:
                 # first, so that no other record takes the LSN the receiver's partial needs
                 path = self.resume[0].path
-                st = _lstat(self.root / path)
+                st = _lstat(self._abs(path))
                 if st is not None:
                     await self._examine(generation, path, st, first_seen, descend=False)
             async for chunk in _chunks_in_thread(scan(self.root, self.excludes)):
@@ -445,7 +446,7 @@ class DirectorySource:
             if gone:
                 self._check_root()
             for path in gone:
-                if self._known(path) and _lstat(self.root / path) is None:
+                if self._known(path) and _lstat(self._abs(path)) is None:
                     await self._delete(generation, path, first_seen)
         except BaseException:
             self.rescan_first_seen = first_seen
@@ -459,7 +460,7 @@ class DirectorySource:
         missing: dict[str, float] = {}
         try:
             for path, first_seen in batch.items():
-                st = _lstat(self.root / path)
+                st = _lstat(self._abs(path))
                 if st is None:
                     missing[path] = first_seen
                     continue
@@ -472,7 +473,7 @@ class DirectorySource:
             if missing:
                 self._check_root()
             for path in sorted(missing, key=depth):
-                if self._known(path) and _lstat(self.root / path) is None:
+                if self._known(path) and _lstat(self._abs(path)) is None:
                     await self._delete(generation, path, missing[path])
         except BaseException:
             # nothing is lost: whatever was not shipped is found again
@@ -521,7 +522,7 @@ class DirectorySource:
         if parent and (parent_entry is None or parent_entry.kind != KIND_DIR):
             # the receiver must have the parent first (it may itself be new or renamed);
             # a parent that is gone makes this entry stale: its own events follow
-            pst = _lstat(self.root / parent)
+            pst = _lstat(self._abs(parent))
             if pst is None or kind_of(pst.st_mode) != KIND_DIR:
                 return
             # descend: a directory that appeared may hold entries no event named
@@ -564,9 +565,14 @@ class DirectorySource:
             if not (st_mod.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_READ_MAX):
                 continue
             if not _looks_same(self.view.get(path), st):
-                wanted.append(self.root / path)
+                wanted.append(self._abs(path))
         if len(wanted) >= PREFETCH_MIN_FILES:
             asyncio.get_running_loop().run_in_executor(None, prefetch, wanted)
+
+    def _abs(self, path: str) -> str:
+        """The absolute path of `path` ("" is the root): a str, as pathlib's `/` costs
+        several microseconds a call, paid a few times per file."""
+        return self._root_slash + path if path else os.fspath(self.root)
 
     def _known(self, path: str) -> bool:
         """The receiver has something at `path`: an entry, or entries below it."""
@@ -588,11 +594,11 @@ class DirectorySource:
                 continue
             if path.startswith(candidate + "/"):
                 continue  # a directory cannot move into itself
-            now = _lstat(self.root / candidate)
+            now = _lstat(self._abs(candidate))
             if now is None or now.st_ino != st.st_ino:
                 # `st` may be stale (a scan runs ahead): only a path that holds the inode
                 # right now is a rename target
-                here = _lstat(self.root / path)
+                here = _lstat(self._abs(path))
                 if here is None or here.st_ino != st.st_ino:
                     return None
                 return candidate
@@ -614,7 +620,7 @@ class DirectorySource:
             # a directory whose entries changed: anything gone that no event named is
             # checked as a deletion too (events can be lost or name a path stale by a rename)
             try:
-                present = set(os.listdir(self.root / path))
+                present = set(os.listdir(self._abs(path)))
             except OSError:
                 return
             for name in self.view.children(path):
@@ -623,7 +629,7 @@ class DirectorySource:
 
     async def _examine_symlink(self, generation: int, path: str, st: os.stat_result,
                                entry: Entry | None, first_seen: float) -> None:
-        target = os.readlink(self.root / path)
+        target = os.readlink(self._abs(path))
         if (entry is not None and entry.kind == KIND_SYMLINK and entry.target == target
                 and not _attrs_differ(entry, st, entry.xattr_digest, self.with_owner)
                 and entry.mtime_ns == st.st_mtime_ns):
@@ -665,7 +671,7 @@ class DirectorySource:
     async def _read_consistent(self, path: str) -> FileState | None:
         for _ in range(3):
             try:
-                return await asyncio.to_thread(read_state, self.root / path, self.block_size)
+                return await asyncio.to_thread(read_state, self._abs(path), self.block_size)
             except TornRead:
                 await asyncio.sleep(TORN_RETRY_DELAY)
         self._retry_later(path, time.time())
@@ -679,7 +685,7 @@ class DirectorySource:
         changes while it is read is simply read again: no record is voided on the wire.
         """
         for attempt in range(3):
-            with FileReader(self.root / path, self.block_size, old_hashes,
+            with FileReader(self._abs(path), self.block_size, old_hashes,
                             compress=self.compress) as reader:
                 blocks = [b for chunk in reader.chunks() for b in chunk]
                 try:
@@ -707,7 +713,7 @@ class DirectorySource:
                 and resume[0].lsn == self.next_lsn:
             first_seen = min(first_seen, resume[0].first_seen)
             skip = resume[1]
-        reader = await asyncio.to_thread(FileReader, self.root / path, self.block_size,
+        reader = await asyncio.to_thread(FileReader, self._abs(path), self.block_size,
                                          old_hashes, start_block=skip, compress=self.compress)
         try:
             st0 = reader.stat
@@ -717,7 +723,7 @@ class DirectorySource:
                 log.info("file changed, sending it whole dataset=%s path=%r", self.name, path)
                 reader.close()
                 skip = 0
-                reader = await asyncio.to_thread(FileReader, self.root / path,
+                reader = await asyncio.to_thread(FileReader, self._abs(path),
                                                  self.block_size, old_hashes,
                                                  compress=self.compress)
                 st0 = reader.stat
@@ -834,7 +840,7 @@ class DirectorySource:
         values: dict[bytes, bytes] | None = None
         xdigest = b""
         if xattrs and self._xattrs_supported:
-            values = self._read_xattrs(self.root / path if fd is None else fd)
+            values = self._read_xattrs(self._abs(path) if fd is None else fd)
             if values:
                 h = xxhash.xxh3_128()
                 for k in sorted(values):
@@ -848,7 +854,7 @@ class DirectorySource:
         )
         return attrs, xdigest
 
-    def _read_xattrs(self, target: Path | int) -> dict[bytes, bytes] | None:
+    def _read_xattrs(self, target: str | int) -> dict[bytes, bytes] | None:
         """The extended attributes of `target`, names as the file system's bytes.
 
         os.listxattr gives names as str decoded with surrogateescape, whatever the path's
@@ -887,7 +893,7 @@ class DirectorySource:
             log.warning("dataset=%s %s", self.name, message)
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
