@@ -664,7 +664,7 @@ class DirectorySource:
         old_hashes = None if whole else self.view.hashes(path)
         base = entry if old_hashes else None
         if st.st_size <= INLINE_READ_MAX:
-            await self._send_small_file(generation, path, base, old_hashes, first_seen)
+            await self._send_small_file(generation, path, base, old_hashes, first_seen, st)
         else:
             await self._send_file(generation, path, base, old_hashes, first_seen)
 
@@ -678,15 +678,17 @@ class DirectorySource:
         return None
 
     async def _send_small_file(self, generation: int, path: str, entry: Entry | None,
-                               old_hashes: bytes | None, first_seen: float) -> None:
+                               old_hashes: bytes | None, first_seen: float,
+                               st: os.stat_result) -> None:
         """A small file is read right here, whole, before anything is sent.
 
         Reading a few KiB costs less than handing the work to a thread, and a file that
         changes while it is read is simply read again: no record is voided on the wire.
         """
         for attempt in range(3):
+            # `st` is fresh only on the first attempt
             with FileReader(self._abs(path), self.block_size, old_hashes,
-                            compress=self.compress) as reader:
+                            compress=self.compress, lstat=None if attempt else st) as reader:
                 blocks = [b for chunk in reader.chunks() for b in chunk]
                 try:
                     state = reader.finish()

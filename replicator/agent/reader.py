@@ -163,9 +163,15 @@ class FileReader:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         start_block: int = 0,
         compress: bool = True,
+        lstat: os.stat_result | None = None,
     ) -> None:
         """`start_block`: blocks below it are read and hashed (the digest covers them) but
-        never yielded, as when the receiver already holds them from a broken-off send."""
+        never yielded, as when the receiver already holds them from a broken-off send.
+
+        `lstat`: the caller's lstat of `path`, taken a moment ago (a scan's), used instead
+        of taking another. It only keeps a FIFO or device that was there all along from
+        being opened, which a fresh one cannot do better: a swap after either lstat is
+        caught by the fstat after opening (O_NONBLOCK keeps a FIFO from blocking)."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, not {block_size}")
         if old_hashes is not None and len(old_hashes) % HASH_SIZE:
@@ -188,7 +194,7 @@ class FileReader:
 
         # lstat first: opening a FIFO would block and opening a device may act on it
         # (a tape rewinds); the fstat below closes the race with a swap after this check
-        lst = os.lstat(self._path)
+        lst = os.lstat(self._path) if lstat is None else lstat
         if not (stat.S_ISREG(lst.st_mode) or stat.S_ISLNK(lst.st_mode)):
             raise _not_regular(self._path, lst.st_mode)
         fd = _open(self._path)   # a symlink fails here with ELOOP
@@ -263,11 +269,12 @@ class FileReader:
         s = index * HASH_SIZE
         return old[s:s + HASH_SIZE] != h     # a short slice (no old block) never matches
 
-    def _read(self, length: int, offset: int) -> bytes:
-        """`length` bytes from `offset`; fewer only at end of file."""
-        data = os.pread(self._fd, length, offset)
+    def _read(self, length: int, offset: int, extra: int = 0) -> bytes:
+        """`length` bytes from `offset`, fewer only at end of file, and up to `extra`
+        bytes more if the file has them."""
+        data = os.pread(self._fd, length + extra, offset)
         while 0 < len(data) < length:  # rare: a signal, or the file shrinking meanwhile
-            more = os.pread(self._fd, length - len(data), offset + len(data))
+            more = os.pread(self._fd, length + extra - len(data), offset + len(data))
             if not more:
                 break
             data += more
@@ -287,6 +294,7 @@ class FileReader:
         # ship exactly as a hole does)
         datamap = _DataMap(self._fd, dense=self._st.st_blocks * 512 >= size)
         hashes = self._hashes
+        past_end: bool | None = None  # a byte found past `size`; None: not looked yet
         for first in range(0, nblocks, per_chunk):
             last = min(first + per_chunk, nblocks)
             out: list[Block] = []
@@ -309,8 +317,15 @@ class FileReader:
                 while j < last and datamap.has_data(j * bs, min((j + 1) * bs, size)):
                     j += 1
                 run_len = min(j * bs, size) - start
-                run = memoryview(self._read(run_len, start))
+                # a run that ends the file asks for one byte more: getting it shows the
+                # file grew, with no read of its own (see below)
+                at_end = j == nblocks
+                run = memoryview(self._read(run_len, start, extra=int(at_end)))
                 got = len(run)
+                if at_end:
+                    past_end = got > run_len
+                    if past_end:
+                        run, got = run[:run_len], run_len
                 self._covered += got
                 if got < run_len:
                     # truncated under us: what is in the buffer is stale, so stop here
@@ -339,8 +354,10 @@ class FileReader:
                 self.raw_bytes += sum(b.raw_len for b in out)
                 yield out
         # growth also shows in the final fstat; a byte past the old end is proof that needs
-        # no timestamp, and costs one syscall
-        if os.pread(self._fd, 1, size):
+        # no timestamp, and costs one syscall (none when the last run read it already)
+        if past_end is None:
+            past_end = bool(os.pread(self._fd, 1, size))
+        if past_end:
             self._torn = f"grew past {size} bytes while read"
         self._done = True
 

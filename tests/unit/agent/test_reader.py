@@ -111,6 +111,59 @@ def test_holes_are_not_read_and_not_sent_for_new_file(
     assert _apply(b"", state.size, blocks) == content
 
 
+def _counting_pread(monkeypatch: pytest.MonkeyPatch, before: object = None) -> list[int]:
+    """Counts os.pread calls in the reader (their lengths); `before(n)` runs before call n."""
+    lengths: list[int] = []
+    real = os.pread
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        if callable(before):
+            before(len(lengths))
+        lengths.append(length)
+        return real(fd, length, offset)
+
+    monkeypatch.setattr(reader_mod.os, "pread", pread)
+    return lengths
+
+
+@pytest.mark.parametrize("size", [1, 4096, BS, 3 * BS + 7])
+def test_a_dense_file_is_read_in_one_call_that_also_looks_past_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    path = tmp_path / "f"
+    content = _random_file(path, size)
+    lengths = _counting_pread(monkeypatch)
+    chunks, state, _ = _read(path)
+    assert lengths == [size + 1]
+    _check_state(state, path, content)
+    assert _apply(b"", size, _flat(chunks)) == content
+
+
+def test_a_file_that_grows_while_read_is_torn(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f"
+    _random_file(path, 5000)
+
+    def grow(n: int) -> None:
+        if n == 0:
+            with open(path, "ab") as f:
+                f.write(b"more")
+
+    _counting_pread(monkeypatch, grow)
+    with pytest.raises(TornRead, match="grew past 5000 bytes|changed while read"):
+        _read(path)
+
+
+def test_a_file_ending_in_a_hole_is_probed_past_its_end(
+        sparse: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, content = sparse
+    with open(path, "r+b") as f:
+        f.truncate(len(content) + 3 * BS)  # the last blocks: a hole, never read
+    lengths = _counting_pread(monkeypatch)
+    _, state, _ = _read(path)
+    assert lengths[-1] == 1
+    _check_state(state, path, path.read_bytes())
+
+
 def test_hole_becomes_zero_block_when_data_zeroed(sparse: tuple[Path, bytes]) -> None:
     path, _ = sparse
     _, old, _ = _read(path)
@@ -421,3 +474,14 @@ def test_a_dense_file_is_read_without_looking_for_holes(
     path, content = sparse                     # a file with holes still asks where they are
     _check_state(read_state(path, BS), path, content)
     assert os.SEEK_DATA in seeks
+
+
+def test_a_fifo_swapped_in_after_the_callers_lstat_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    st = os.lstat(path)               # the scan saw a regular file...
+    path.unlink()
+    os.mkfifo(path)                   # ...which is a FIFO by the time it is read
+    with pytest.raises(OSError, match="not a regular file"):
+        FileReader(path, BS, lstat=st)
