@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 
 from replicator import __version__
+from replicator.cli.common import print_traceback
 from replicator.errors import ReplicatorError
 
 # module names under replicator.cli; each registers its command (allow_empty: allow-empty)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # whole, before the summary line; only when asked for, as it is many lines
         debug = getattr(args, "log_level", None) == "debug"
         if debug:
-            traceback.print_exception(e, file=sys.stderr)
+            print_traceback(args, e)
         hint = (" (run with --log-level debug for the traceback)"
                 if hasattr(args, "log_level") and not debug else "")
         print(f"replicator {args.command}: unexpected error: {type(cause).__name__}: "

@@ -1,4 +1,4 @@
-"""Options and set-up shared by the daemon commands: logging."""
+"""Options and set-up shared by the daemon commands: logging, and tracebacks in its format."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 
 
 def add_logging_options(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,20 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(doc)
+
+
+def print_traceback(args: argparse.Namespace, e: BaseException) -> None:
+    """`e`'s traceback on stderr, whole: plain text, or with --log-format json one JSON
+    object (the traceback's lines in `traceback`) so that the log stays a JSON line per
+    event for whatever ships it."""
+    lines = traceback.format_exception(e)
+    if getattr(args, "log_format", "text") != "json":
+        sys.stderr.write("".join(lines))
+        return
+    doc = {"ts": round(time.time(), 6), "level": "debug", "logger": "replicator.cli",
+           "msg": f"unexpected error: {type(e).__name__}: {e}",
+           "traceback": "".join(lines).splitlines()}
+    print(json.dumps(doc), file=sys.stderr)
 
 
 class _TextFormatter(logging.Formatter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -137,3 +138,23 @@ def test_unexpected_error_is_one_line_and_exit_2(tmp_path: Path,
     else:
         assert len(lines) == 1, r.stderr
         assert lines[0].endswith("(run with --log-level debug for the traceback)")
+
+
+def test_with_json_logs_the_traceback_is_one_json_line(tmp_path: Path) -> None:
+    """A log shipper reading --log-format json gets one object per line, the traceback
+    included; the last line is still the contract's one-line reason."""
+    conf = receiver_config(tmp_path / "r.toml", listen_port=free_port(), state=tmp_path / "s",
+                           mirror_root=tmp_path / "m")
+    meta = tmp_path / "s" / "sources" / "app1" / "docs" / "dataset.json"
+    meta.parent.mkdir(parents=True)
+    _dataset_with_a_corrupt_record(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "replicator", "receiver", "--config", str(conf),
+                        "--log-level", "debug", "--log-format", "json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    *logs, last = r.stderr.strip().splitlines()
+    assert last.startswith("replicator receiver: unexpected error: JSONDecodeError: ")
+    docs = [json.loads(line) for line in logs]  # every line before it is JSON
+    tb = [d for d in docs if "traceback" in d]
+    assert len(tb) == 1 and tb[0]["traceback"][0] == "Traceback (most recent call last):"
+    assert tb[0]["traceback"][-1].startswith("json.decoder.JSONDecodeError")
