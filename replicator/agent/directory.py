@@ -431,8 +431,8 @@ class DirectorySource:
                 st = _lstat(self._abs(path))
                 if st is not None:
                     await self._examine(generation, path, st, first_seen, descend=False)
-            async for chunk in _chunks_in_thread(scan(self.root, self.excludes)):
-                self._prefetch(chunk)
+            async for chunk in _chunks_in_thread(scan(self.root, self.excludes),
+                                                 self._prefetch_here):
                 for path, st in chunk:
                     seen.add(path)
                     parent = parent_of(path)
@@ -560,14 +560,27 @@ class DirectorySource:
     def _prefetch(self, entries: list[tuple[str, os.stat_result]]) -> None:
         """Starts the disk reads of the small files among `entries` that will be read
         inline (new or changed ones), in a worker thread; see reader.prefetch."""
+        wanted = self._to_read(entries)
+        if len(wanted) >= PREFETCH_MIN_FILES:
+            asyncio.get_running_loop().run_in_executor(None, prefetch, wanted)
+
+    def _prefetch_here(self, entries: list[tuple[str, os.stat_result]]) -> None:
+        """`_prefetch`, in the calling thread: the scanning one, a chunk ahead."""
+        wanted = self._to_read(entries)
+        if len(wanted) >= PREFETCH_MIN_FILES:
+            prefetch(wanted)
+
+    def _to_read(self, entries: list[tuple[str, os.stat_result]]
+                 ) -> list[str | os.PathLike[str]]:
+        """The small files among `entries` that the view does not have as they are. Safe
+        in another thread: it only looks the paths up (a stale answer costs a read)."""
         wanted: list[str | os.PathLike[str]] = []
         for path, st in entries:
             if not (st_mod.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_READ_MAX):
                 continue
             if not _looks_same(self.view.get(path), st):
                 wanted.append(self._abs(path))
-        if len(wanted) >= PREFETCH_MIN_FILES:
-            asyncio.get_running_loop().run_in_executor(None, prefetch, wanted)
+        return wanted
 
     def _abs(self, path: str) -> str:
         """The absolute path of `path` ("" is the root): a str, as pathlib's `/` costs
@@ -970,23 +983,38 @@ def _attrs_differ(entry: Entry | None, st: os.stat_result, xdigest: bytes,
     return entry.xattr_digest != xdigest
 
 
-async def _chunks_in_thread(it: Iterator[tuple[str, os.stat_result]]
-                            ) -> AsyncIterator[list[tuple[str, os.stat_result]]]:
-    """Runs a blocking scan in a worker thread, handing entries over in chunks."""
+Chunk = list[tuple[str, os.stat_result]]
 
-    def take() -> list[tuple[str, os.stat_result]]:
+
+async def _chunks_in_thread(it: Iterator[tuple[str, os.stat_result]],
+                            ahead: Callable[[Chunk], None] | None = None
+                            ) -> AsyncIterator[Chunk]:
+    """Runs a blocking scan in a worker thread, handing entries over in chunks. The next
+    chunk is scanned while the caller works on this one (a cold scan waits for the disk
+    at every few entries: it then does so while the caller works); `ahead(chunk)`, if
+    given, runs in the scanning thread on each chunk before it is handed over."""
+
+    def take() -> Chunk:
         out = []
         for item in it:
             out.append(item)
             if len(out) >= RESCAN_CHUNK:
                 break
+        if out and ahead is not None:
+            ahead(out)
         return out
 
-    while True:
-        chunk = await asyncio.to_thread(take)
-        if not chunk:
-            return
-        yield chunk
+    pending = asyncio.ensure_future(asyncio.to_thread(take))
+    try:
+        while True:
+            chunk = await pending
+            if not chunk:
+                return
+            pending = asyncio.ensure_future(asyncio.to_thread(take))
+            yield chunk
+    finally:
+        # the caller stopped early: the thread finishes its chunk, which nobody takes
+        pending.cancel()
 
 
 async def _in_thread(it: Iterator[tuple[str, os.stat_result]]
