@@ -36,6 +36,7 @@ NON_UTF8 = os.fsdecode(b"\xff")
         ("\0", "NUL"),
         ("a" * (MAX_NAME_BYTES + 1), "256 bytes"),
         ("é" * 128, "256 bytes"),  # 128 chars, 256 bytes: counted in bytes
+        ("d/" + "a" * (MAX_NAME_BYTES + 1) + "/e", "256 bytes"),  # in the middle
         ("/".join(["d" * 200] * 25), "bytes, over 4096"),  # 5024 bytes, names all fine
         ("a\ud800b", "lone surrogate"),  # not an escaped byte: cannot reach the fs
         ("a\udc2fb", "lone surrogate"),  # would be '/' if escapes below 0x80 were allowed
@@ -66,6 +67,7 @@ def test_hostile_paths_are_refused(path: str, why: str) -> None:
         (NON_UTF8, (NON_UTF8,)),
         ("dir/" + os.fsdecode(b"caf\xe9"), ("dir", os.fsdecode(b"caf\xe9"))),
         ("a" * MAX_NAME_BYTES, ("a" * MAX_NAME_BYTES,)),
+        ("/".join(["é" * 127] * 3), ("é" * 127,) * 3),  # long path, each name fine
     ],
 )
 def test_odd_but_valid_paths_are_accepted(path: str, parts: tuple[str, ...]) -> None:
