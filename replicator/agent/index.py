@@ -155,6 +155,12 @@ def check_mutation(m: Mutation) -> None:
         raise TypeError(f"not a mutation: {m!r}")
 
 
+def _row(raw_path: bytes, e: Entry) -> tuple[object, ...]:
+    """The values of _UPSERT (the columns of _COLUMNS) for the entry at `raw_path`."""
+    return (raw_path, e.kind, e.size, e.mtime_ns, e.ctime_ns, _ino_to_db(e.ino), e.mode, e.uid,
+            e.gid, os.fsencode(e.target), e.digest, e.stat_ns, e.xattr_digest)
+
+
 def _bounds(path: str) -> tuple[bytes, bytes, bytes]:
     raw = os.fsencode(path)
     return raw, raw + b"/", raw + b"0"
@@ -215,8 +221,10 @@ _UPSERT = (
     "mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, ino = excluded.ino, "
     "mode = excluded.mode, uid = excluded.uid, gid = excluded.gid, target = excluded.target, "
     "digest = excluded.digest, stat_ns = excluded.stat_ns, "
-    "xattr_digest = excluded.xattr_digest RETURNING id"
+    "xattr_digest = excluded.xattr_digest"
 )
+# a file's hashes, by its path: with _UPSERT, a run of files is two executemany calls
+_HASHES_BY_PATH = "INSERT OR REPLACE INTO hashes (id, data) SELECT id, ? FROM files WHERE path = ?"
 
 
 def encode_mutations(mutations: Sequence[Mutation]) -> bytes:
@@ -385,14 +393,23 @@ class Index:
         Raises ValueError (and changes nothing) if a mutation is invalid.
         """
         with self._txn():
+            files: list[Put] = []  # a run of files with nothing below them: written at once
             for m in mutations:
                 check_mutation(m)
+                below = (isinstance(m, Put)
+                         and (replaced_dirs is None or m.path in replaced_dirs))
+                if isinstance(m, Put) and m.hashes is not None and not below:
+                    files.append(m)
+                    continue
+                self._put_files(files)  # in order: before anything else
+                files.clear()
                 if isinstance(m, Put):
-                    self._put(m, replaced_dirs is None or m.path in replaced_dirs)
+                    self._put(m, below)
                 elif isinstance(m, Remove):
                     self._delete(_SUBTREE, _bounds(m.path))
                 else:
                     self._move(m.old, m.new)
+            self._put_files(files)
             self._set_meta(_META_ACKED, acked_lsn)
             self._db.execute("DELETE FROM inflight WHERE lsn <= ?", (acked_lsn,))
             self._db.execute("DELETE FROM sending WHERE lsn <= ?", (acked_lsn,))
@@ -474,14 +491,20 @@ class Index:
         e = m.entry
         if e.kind != KIND_DIR and below:
             self._delete(_BELOW, (raw + b"/", raw + b"0"))
-        (fid,) = self._db.execute(_UPSERT, (
-            raw, e.kind, e.size, e.mtime_ns, e.ctime_ns, _ino_to_db(e.ino), e.mode, e.uid,
-            e.gid, os.fsencode(e.target), e.digest, e.stat_ns, e.xattr_digest)).fetchone()
+        self._db.execute(_UPSERT, _row(raw, e))
         if m.hashes is None:
-            self._db.execute("DELETE FROM hashes WHERE id = ?", (fid,))
+            self._db.execute("DELETE FROM hashes WHERE id = (SELECT id FROM files "
+                             "WHERE path = ?)", (raw,))
         else:
-            self._db.execute("INSERT OR REPLACE INTO hashes (id, data) VALUES (?, ?)",
-                             (fid, m.hashes))
+            self._db.execute(_HASHES_BY_PATH, (m.hashes, raw))
+
+    def _put_files(self, puts: list[Put]) -> None:
+        """`_put(m, below=False)` for each of `puts`, files with hashes, in two calls: a
+        statement at a time cost the agent a tenth of its time in a tree of small files."""
+        if puts:
+            pairs = [(os.fsencode(m.path), m) for m in puts]
+            self._db.executemany(_UPSERT, [_row(raw, m.entry) for raw, m in pairs])
+            self._db.executemany(_HASHES_BY_PATH, [(m.hashes, raw) for raw, m in pairs])
 
     def _delete(self, where: str, args: tuple[bytes, ...]) -> None:
         self._db.execute(f"DELETE FROM hashes WHERE id IN (SELECT id FROM files WHERE {where})",
