@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-from replicator.agent.agent import Agent
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_agent
-from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
-from replicator.observe.http import serving
-from replicator.observe.mqtt import publishing
-from replicator.observe.views import agent_registry, daemon_routes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +16,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: `replicator status` and --help need none of it
+    import asyncio
+
+    from replicator.agent.agent import Agent
+    from replicator.daemon import channel_credentials, lock_state_dir, notify, serve
+    from replicator.observe.http import serving
+    from replicator.observe.mqtt import publishing
+    from replicator.observe.views import agent_registry, daemon_routes
+
     config = load_agent(args.config)
     setup_logging(args)
     lock_state_dir(config.state_dir)

@@ -8,12 +8,10 @@ state lives in --state-dir, by default `$XDG_STATE_HOME/replicator/mirror-<hash>
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import os
 from pathlib import Path
 
-from replicator.agent.agent import Agent
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import (
     DEFAULT_BLOCK_SIZE,
@@ -22,11 +20,7 @@ from replicator.config import (
     parse_hostport,
     parse_size,
 )
-from replicator.daemon import lock_state_dir, notify, serve
 from replicator.errors import UsageError
-from replicator.observe.http import json_route, serving
-from replicator.observe.views import daemon_routes, receiver_registry
-from replicator.receiver.receiver import Receiver
 
 SOURCE_ID = "local"
 DATASET = "mirror"
@@ -73,6 +67,15 @@ def _check(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: `replicator status` and --help need none of it
+    import asyncio
+
+    from replicator.agent.agent import Agent
+    from replicator.daemon import lock_state_dir, notify, serve
+    from replicator.observe.http import json_route, serving
+    from replicator.observe.views import daemon_routes, receiver_registry
+    from replicator.receiver.receiver import Receiver
+
     src, dst, state = _check(args)
     try:
         block_size = parse_size(args.block_size)

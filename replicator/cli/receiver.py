@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from replicator.cli.common import add_logging_options, setup_logging
 from replicator.config import load_receiver
-from replicator.daemon import lock_state_dir, notify, serve, server_credentials
-from replicator.observe.http import serving
-from replicator.observe.mqtt import publishing
-from replicator.observe.views import daemon_routes, receiver_registry
-from replicator.receiver.receiver import Receiver
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: `replicator status` and --help need none of it
+    import asyncio
+
+    from replicator.daemon import lock_state_dir, notify, serve, server_credentials
+    from replicator.observe.http import serving
+    from replicator.observe.mqtt import publishing
+    from replicator.observe.views import daemon_routes, receiver_registry
+    from replicator.receiver.receiver import Receiver
+
     config = load_receiver(args.config)
     setup_logging(args)
     lock_state_dir(config.state_dir)

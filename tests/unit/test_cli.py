@@ -19,3 +19,15 @@ def test_unknown_command_is_a_usage_error() -> None:
     r = run("frobnicate")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_status_and_help_load_no_daemon_code() -> None:
+    """`replicator status` runs from scripts and monitoring, often: it must not pay for
+    importing gRPC, protobuf, asyncio and both daemons (a quarter of a second)."""
+    code = ("import sys; from replicator.cli import build_parser; build_parser(); "
+            "print(' '.join(m for m in ('grpc', 'google.protobuf', 'asyncio', "
+            "'replicator.agent.agent', 'replicator.receiver.receiver') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
