@@ -570,11 +570,10 @@ class DirectorySource:
         if len(wanted) >= PREFETCH_MIN_FILES:
             prefetch(wanted)
 
-    def _to_read(self, entries: list[tuple[str, os.stat_result]]
-                 ) -> list[str | os.PathLike[str]]:
+    def _to_read(self, entries: list[tuple[str, os.stat_result]]) -> list[str]:
         """The small files among `entries` that the view does not have as they are. Safe
         in another thread: it only looks the paths up (a stale answer costs a read)."""
-        wanted: list[str | os.PathLike[str]] = []
+        wanted: list[str] = []
         for path, st in entries:
             if not (st_mod.S_ISREG(st.st_mode) and 0 < st.st_size <= INLINE_READ_MAX):
                 continue

@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -89,7 +89,7 @@ def _open(path: str) -> int:
     return os.open(path, _OPEN_FLAGS)
 
 
-def prefetch(paths: list[str | os.PathLike[str]]) -> None:
+def prefetch(paths: Iterable[str | os.PathLike[str]]) -> None:
     """Asks the kernel to start reading these files into the page cache, and returns.
 
     Reading many small files cold, one after another, waits for the disk once per file;
