@@ -52,6 +52,42 @@ def test_initial_sync_and_live_changes(tmp_path: Path) -> None:
         assert mirror.stop() == 0, mirror.log()
 
 
+def test_runs_of_new_small_files_among_other_entries_converge(tmp_path: Path) -> None:
+    """A rescan sends new small files in runs (agent `_send_new_files`); a run ends at
+    anything else in scan order. Runs longer than one batch, broken by a directory, a
+    symlink, a big file, a hard link and an empty file, before and after a restart that
+    finds some of the files known and some new."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    d = src / "d"
+    d.mkdir(parents=True)
+
+    def fill(prefix: str) -> None:
+        # in name order (the scan's): 100 files in a row, then one of each other kind
+        # between shorter runs
+        for i in range(150):
+            (d / f"{prefix}{i:03d}").write_bytes(os.urandom(i * 37))  # the first one empty
+        (d / f"{prefix}099.dir").mkdir()
+        (d / f"{prefix}099.dir" / "inner").write_text(prefix)
+        (d / f"{prefix}109.lnk").symlink_to(f"{prefix}108")
+        os.link(d / f"{prefix}119", d / f"{prefix}119.hard")
+        (d / f"{prefix}129.big").write_bytes(os.urandom(300_000))
+
+    fill("a")
+    mirror, _ = start_mirror(tmp_path, src, dst)
+    try:
+        wait_converged(src, dst)
+    finally:
+        assert mirror.stop() == 0, mirror.log()
+    assert "new files dataset=mirror count=64 " in mirror.log()  # a full run was sent
+    fill("b")  # while stopped: the restart's rescan finds them new, the "a" files known
+    os.truncate(d / "a010", 3)
+    mirror, _ = start_mirror(tmp_path, src, dst)
+    try:
+        wait_converged(src, dst)
+    finally:
+        assert mirror.stop() == 0, mirror.log()
+
+
 def test_sigint_stops_cleanly(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
