@@ -436,29 +436,7 @@ class DirectorySource:
                     await self._examine(generation, path, st, first_seen, descend=False)
             async for chunk in _chunks_in_thread(scan(self.root, self.excludes),
                                                  self._prefetch_here):
-                new_files: list[tuple[str, os.stat_result]] = []
-                new_bytes = 0
-                for path, st in chunk:
-                    seen.add(path)
-                    parent = parent_of(path)
-                    if parent and self.view.get(parent) is None:
-                        # the scan ran ahead of a change: the parent was gone by the time
-                        # we looked at it, so this entry is stale too; the watcher reports
-                        # the move
-                        continue
-                    if self._new_small_file(path, st):
-                        new_files.append((path, st))
-                        new_bytes += st.st_size
-                        if len(new_files) >= NEW_FILES_BATCH or new_bytes >= NEW_BYTES_BATCH:
-                            await self._send_new_files(generation, new_files, first_seen)
-                            new_files, new_bytes = [], 0
-                        continue
-                    if new_files:  # in scan order: before anything else
-                        await self._send_new_files(generation, new_files, first_seen)
-                        new_files, new_bytes = [], 0
-                    await self._examine(generation, path, st, first_seen, descend=False)
-                if new_files:
-                    await self._send_new_files(generation, new_files, first_seen)
+                await self._rescan_chunk(generation, chunk, seen, first_seen)
             gone = sorted(p for p in self.view.paths() if p not in seen)
             if gone:
                 self._check_root()
@@ -471,6 +449,33 @@ class DirectorySource:
             raise
         log.info("rescan done dataset=%s entries=%d seconds=%.3f", self.name, len(seen),
                  time.monotonic() - started)
+
+    async def _rescan_chunk(self, generation: int, chunk: Chunk, seen: set[str],
+                            first_seen: float) -> None:
+        """Examines the entries of a chunk of the scan in order, but for runs of new small
+        files, which go together (`_send_new_files`)."""
+        run: list[tuple[str, os.stat_result]] = []
+        run_bytes = 0
+        for path, st in chunk:
+            seen.add(path)
+            parent = parent_of(path)
+            if parent and self.view.get(parent) is None:
+                # the scan ran ahead of a change: the parent was gone by the time we looked
+                # at it, so this entry is stale too; the watcher reports the move
+                continue
+            if self._new_small_file(path, st):
+                run.append((path, st))
+                run_bytes += st.st_size
+                if len(run) >= NEW_FILES_BATCH or run_bytes >= NEW_BYTES_BATCH:
+                    await self._send_new_files(generation, run, first_seen)
+                    run, run_bytes = [], 0
+                continue
+            if run:  # in scan order: before anything else
+                await self._send_new_files(generation, run, first_seen)
+                run, run_bytes = [], 0
+            await self._examine(generation, path, st, first_seen, descend=False)
+        if run:
+            await self._send_new_files(generation, run, first_seen)
 
     async def _reconcile(self, generation: int, batch: dict[str, float]) -> None:
         existing: dict[str, tuple[os.stat_result, float]] = {}
