@@ -78,7 +78,7 @@ def test_runs_of_new_small_files_among_other_entries_converge(tmp_path: Path) ->
         wait_converged(src, dst)
     finally:
         assert mirror.stop() == 0, mirror.log()
-    assert "new files dataset=mirror count=64 " in mirror.log()  # a full run was sent
+    assert "small files dataset=mirror count=64 " in mirror.log()  # a full run was sent
     fill("b")  # while stopped: the restart's rescan finds them new, the "a" files known
     os.truncate(d / "a010", 3)
     mirror, _ = start_mirror(tmp_path, src, dst)
