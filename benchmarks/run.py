@@ -100,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     # the benchmark runs, else every timed start compiles it anew, as it does under
     # PYTHONDONTWRITEBYTECODE
     compileall.compile_dir(REPO_ROOT / "replicator", quiet=1)
-    work = Path(tempfile.mkdtemp(prefix="replicator-bench-", dir=args.workdir))
+    try:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="replicator-bench-", dir=args.workdir))
+    except OSError as e:
+        print(f"benchmarks: cannot make a data directory in {args.workdir or 'the temp dir'}:"
+              f" {e.strerror or e}", file=sys.stderr)
+        return 2
     settings = Settings(workdir=work, reps=args.reps, big_size=args.size_mib * MIB,
                         small_files=args.files, latency_writes=args.latency_writes,
                         seed=args.seed, replicator=args.replicator.split(),

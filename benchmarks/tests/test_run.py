@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import run
+from benchmarks.rsyncd import RSYNC
 
 FAKE = f"{sys.executable} {Path(__file__).with_name('fake_mirror.py')}"
+# every run starts a real rsync daemon, and refuses to go on without rsync
+pytestmark = pytest.mark.skipif(shutil.which(RSYNC) is None, reason="rsync not installed")
 
 
 def test_all_benchmarks_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,3 +47,22 @@ def test_a_missing_replicator_leaves_rsync_figures(tmp_path: Path,
     line = next(ln for ln in printed.splitlines() if ln.startswith("initial sync, 50 x"))
     assert line.split()[-8] == "n/a"  # replicator column
     assert "replicator skipped" in printed
+
+
+def test_a_workdir_that_does_not_exist_yet_is_made(tmp_path: Path) -> None:
+    workdir = tmp_path / "not" / "yet"
+    code = run.main(["--quick", "--only", "initial-small", "--files", "20",
+                     "--drop-caches", "no", "--workdir", str(workdir),
+                     "--replicator", FAKE])
+    assert code == 0
+    assert workdir.is_dir() and list(workdir.iterdir()) == []  # made, and left clean
+
+
+def test_a_workdir_that_cannot_be_made_is_a_one_line_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    code = run.main(["--quick", "--only", "initial-small", "--workdir",
+                     str(tmp_path / "file" / "sub"), "--replicator", FAKE])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks: cannot make a data directory in ")
