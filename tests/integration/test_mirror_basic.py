@@ -53,7 +53,7 @@ def test_initial_sync_and_live_changes(tmp_path: Path) -> None:
 
 
 def test_runs_of_new_small_files_among_other_entries_converge(tmp_path: Path) -> None:
-    """A rescan sends new small files in runs (agent `_send_new_files`); a run ends at
+    """A rescan sends new small files in runs (agent `_send_small_files`); a run ends at
     anything else in scan order. Runs longer than one batch, broken by a directory, a
     symlink, a big file, a hard link and an empty file, before and after a restart that
     finds some of the files known and some new."""
