@@ -436,7 +436,8 @@ class DirectorySource:
                     await self._examine(generation, path, st, first_seen, descend=False)
             async for chunk in _chunks_in_thread(scan(self.root, self.excludes),
                                                  self._prefetch_here):
-                await self._rescan_chunk(generation, chunk, seen, first_seen)
+                seen.update(path for path, _ in chunk)
+                await self._examine_entries(generation, chunk, first_seen)
             gone = sorted(p for p in self.view.paths() if p not in seen)
             if gone:
                 self._check_root()
@@ -450,14 +451,13 @@ class DirectorySource:
         log.info("rescan done dataset=%s entries=%d seconds=%.3f", self.name, len(seen),
                  time.monotonic() - started)
 
-    async def _rescan_chunk(self, generation: int, chunk: Chunk, seen: set[str],
-                            first_seen: float) -> None:
-        """Examines the entries of a chunk of the scan in order, but for runs of new small
-        files, which go together (`_send_small_files`)."""
+    async def _examine_entries(self, generation: int, entries: Chunk,
+                               first_seen: float) -> None:
+        """Examines a chunk of a scan (parents before children) in order, but for runs of
+        new small files, which go together (`_send_small_files`)."""
         run: list[_SmallFile] = []
         run_bytes = 0
-        for path, st in chunk:
-            seen.add(path)
+        for path, st in entries:
             parent = parent_of(path)
             if parent and self.view.get(parent) is None:
                 # the scan ran ahead of a change: the parent was gone by the time we looked
@@ -648,8 +648,8 @@ class DirectorySource:
                              [Put(path, _entry(KIND_DIR, st, xdigest))])
         if new and descend:
             # a directory that appeared may already hold files its events never named
-            async for child, cst in _in_thread(scan_subtree(self.root, path, self.excludes)):
-                await self._examine(generation, child, cst, first_seen, descend=False)
+            async for chunk in _chunks_in_thread(scan_subtree(self.root, path, self.excludes)):
+                await self._examine_entries(generation, chunk, first_seen)
         elif descend:
             # a directory whose entries changed: anything gone that no event named is
             # checked as a deletion too (events can be lost or name a path stale by a rename)
@@ -1094,10 +1094,3 @@ async def _chunks_in_thread(it: Iterator[tuple[str, os.stat_result]],
         # the caller stopped early: the thread finishes its chunk, which nobody takes
         pending.cancel()
 
-
-async def _in_thread(it: Iterator[tuple[str, os.stat_result]]
-                     ) -> AsyncIterator[tuple[str, os.stat_result]]:
-    """`_chunks_in_thread`, an entry at a time."""
-    async for chunk in _chunks_in_thread(it):
-        for item in chunk:
-            yield item
