@@ -761,8 +761,7 @@ class DirectorySource:
             frames += self._frames(lsn + i, header, r.blocks, End(digest=r.state.digest))
         await self._ship(generation, frames)
         for i, (path, _, r) in enumerate(read):
-            self.current = (first_seen, 0)  # _end takes each record's first-seen from here
-            self._file_sent(lsn + i, path, r.stat, r.xdigest, r.state, r.raw_bytes)
+            self._file_sent(lsn + i, path, r.stat, r.xdigest, r.state, r.raw_bytes, first_seen)
 
     def _read_small(self, path: str, old_hashes: bytes | None, st: os.stat_result,
                     first_seen: float) -> _SmallRead | None:
@@ -829,7 +828,7 @@ class DirectorySource:
                 except TornRead:
                     await self.link.send(generation, self.dataset,
                                          [Frame(lsn, End(aborted=True))])
-                    self._end(lsn, [])
+                    self._end(lsn, [], first_seen)
                     self._retry_later(path, first_seen)
                     return
                 await self.link.send(generation, self.dataset,
@@ -837,7 +836,7 @@ class DirectorySource:
             except BaseException:
                 self.current = None
                 raise
-            self._file_sent(lsn, path, st0, xdigest, state, reader.raw_bytes)
+            self._file_sent(lsn, path, st0, xdigest, state, reader.raw_bytes, first_seen)
         finally:
             reader.close()
 
@@ -860,11 +859,11 @@ class DirectorySource:
                       block_size=self.block_size, first_seen=first_seen, raw_bytes=raw_bytes)
 
     def _file_sent(self, lsn: int, path: str, st: os.stat_result, xdigest: bytes,
-                   state: FileState, raw_bytes: int) -> None:
+                   state: FileState, raw_bytes: int, first_seen: float) -> None:
         self.force_whole.discard(path)
         self.raw_bytes_sent += raw_bytes
         self._end(lsn, [Put(path, _entry(KIND_FILE, st, xdigest, state), state.hashes)],
-                  raw_bytes=raw_bytes)
+                  first_seen, raw_bytes)
 
     async def _delete(self, generation: int, path: str, first_seen: float) -> None:
         await self._send(generation, Header(Op.DELETE, path, first_seen=first_seen),
@@ -873,7 +872,7 @@ class DirectorySource:
     async def _send(self, generation: int, header: Header, mutations: list[Mutation]) -> None:
         lsn = self._begin(header.first_seen)
         await self._ship(generation, self._frames(lsn, header, [], End()))
-        self._end(lsn, mutations)
+        self._end(lsn, mutations, header.first_seen)
 
     def _frames(self, lsn: int, header: Header, blocks: list[Block], end: End) -> list[Frame]:
         """A small record's frames: one whole-record frame where the receiver takes it
@@ -895,11 +894,14 @@ class DirectorySource:
         self.resume = None  # any record but the resumed one makes the receiver drop its part
         return self.next_lsn
 
-    def _end(self, lsn: int, mutations: list[Mutation], raw_bytes: int = 0) -> None:
+    def _end(self, lsn: int, mutations: list[Mutation], first_seen: float,
+             raw_bytes: int = 0) -> None:
+        """Record `lsn` is queued whole: its mutations go to the view, and it waits to be
+        applied under the time its change was first seen."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("record dataset=%s lsn=%d mutations=%s", self.name, lsn, mutations)
         self.view.record(lsn, mutations)
-        self.unapplied.add(lsn, self.current[0] if self.current else time.time(), raw_bytes)
+        self.unapplied.add(lsn, first_seen, raw_bytes)
         self.current = None
         self.next_lsn = lsn + 1
         self.records_sent += 1
