@@ -302,9 +302,16 @@ class DirectorySource:
             self.state = "starting"
 
     def lag(self) -> pb.DatasetLag:
-        dirty_first = min([*self.dirty.values(), *self.held.values()], default=0.0)
+        # a change still settling in the watcher has been seen, so it counts too (a file
+        # written without pause settles for up to the watcher's max_delay)
+        watcher = self.watcher
+        settling = watcher.pending if watcher is not None else 0
+        firsts = [*self.dirty.values(), *self.held.values()]
+        if settling and watcher is not None:
+            firsts.append(watcher.oldest_pending)
         if self.full_rescan and self.rescan_first_seen:
-            dirty_first = min(dirty_first or self.rescan_first_seen, self.rescan_first_seen)
+            firsts.append(self.rescan_first_seen)
+        dirty_first = min(firsts, default=0.0)
         # the record being sent is past every position
         current_seen, current_bytes = self.current or (0.0, 0)
 
@@ -318,8 +325,9 @@ class DirectorySource:
             oldest_unflushed_at=oldest(self.flushed_lsn),
             oldest_unapplied_at=oldest(self.applied_lsn),
             pending_bytes=self.unapplied.bytes + current_bytes,
-            pending_changes=(len(self.dirty) + len(self.held) + len(self.unapplied)
-                             + (self.current is not None) + self.full_rescan),
+            pending_changes=(settling + len(self.dirty) + len(self.held)
+                             + len(self.unapplied) + (self.current is not None)
+                             + self.full_rescan),
         )
 
     def _caught_up(self) -> bool:

@@ -2,8 +2,11 @@
 
 watchdog's inotify observer runs in its own threads (one reading the inotify fd, one per
 watch turning raw events into watchdog events, one dispatching them). The handler turns
-each event into relative paths and hands them to the event loop with
-`call_soon_threadsafe`; from there on everything runs on the loop.
+each event into relative paths and appends them to an inbox; only the event that finds the
+inbox empty wakes the event loop (`call_soon_threadsafe`), which then takes everything the
+inbox holds. So a burst (an untar, a copy: several events per file) costs one wake-up per
+burst, not a write to the loop's self-pipe and a loop iteration per event. From the inbox
+on everything runs on the loop.
 
 Coalescing. A path is pending from its first event until it is handed on. It is due
 `settle` seconds after its latest event, or `max_delay` after its first, whichever comes
@@ -39,6 +42,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -262,6 +266,9 @@ class Watcher:
         self._restart_problem: str | None = None
         self._running = False
         self._lock = asyncio.Lock()  # start/stop/restart of the observer
+        # (relative paths, wall, monotonic) from watchdog's dispatch thread, for `_drain`
+        self._inbox: list[tuple[list[str], float, float]] = []
+        self._inbox_lock = threading.Lock()
 
     # ---- status
 
@@ -279,6 +286,11 @@ class Watcher:
     def pending(self) -> int:
         """Number of dirty paths waiting to settle."""
         return len(self._by_first)
+
+    @property
+    def oldest_pending(self) -> float:
+        """time.time() of the first event of the oldest path waiting to settle; 0.0 if none."""
+        return next(iter(self._by_first.values()))[0] if self._by_first else 0.0
 
     # ---- lifecycle
 
@@ -315,6 +327,8 @@ class Watcher:
             await self._stop_observer()
         self._by_first.clear()
         self._by_last.clear()
+        with self._inbox_lock:
+            self._inbox.clear()
         self._fault = "stopped"
         log.debug("watcher stopped root=%s", self._root_s)
 
@@ -427,15 +441,26 @@ class Watcher:
                 if not self._excludes.match(rel, event.is_directory):
                     rels.append(rel)
             if rels:
-                self._threadsafe(self._note_many, rels, wall, mono)
+                with self._inbox_lock:
+                    wake = not self._inbox
+                    self._inbox.append((rels, wall, mono))
+                if wake:
+                    self._threadsafe(self._drain)
         except Exception:
             log.exception("watcher failed to handle an event root=%s event=%r",
                           self._root_s, event)
             self._threadsafe(self._note_rescan)
 
-    def _note_many(self, rels: list[str], wall: float, mono: float) -> None:
-        for rel in rels:
-            self._note(rel, wall, mono)
+    def _drain(self) -> None:
+        """On the loop: notes everything in the inbox, in the order it arrived."""
+        with self._inbox_lock:
+            taken, self._inbox = self._inbox, []
+        if not self._running:
+            return  # stopped: pending paths are dropped (the next start's scan finds them)
+        note = self._note
+        for rels, wall, mono in taken:
+            for rel in rels:
+                note(rel, wall, mono)
 
     def _skip_dir(self, path: bytes) -> bool:
         """Whether watchdog should not watch directory `path` (runs in its threads)."""

@@ -105,6 +105,38 @@ async def test_file_written_continuously_ships_at_least_every_max_delay(tmp_path
         await c.wait_for(lambda: c.count("busy") == len(during) + 1)  # the final settle
 
 
+async def test_a_burst_of_events_wakes_the_loop_a_few_times_not_once_each(
+    tmp_path: Path
+) -> None:
+    class Counting(Watcher):
+        drains = 0
+
+        def _drain(self) -> None:
+            self.drains += 1
+            super()._drain()
+
+    names = [f"f{i}" for i in range(100)]
+    async with Counting(tmp_path, Excludes([]), settle=0.05) as w:
+        c = Collector(w)
+        try:
+            for name in names:  # three events each: created, modified, closed
+                (tmp_path / name).write_bytes(b"x")
+            # the loop stays blocked until watchdog's thread has put every file in the inbox
+            deadline = time.monotonic() + 5
+            while True:
+                with w._inbox_lock:
+                    held = {rel for rels, _, _ in w._inbox for rel in rels}
+                if set(names) <= held:
+                    break
+                assert time.monotonic() < deadline, f"{len(held)} of 100 in the inbox"
+                time.sleep(0.005)
+            await c.wait_paths(*names)
+            # one wake-up took the burst; events still arriving after it add a few more
+            assert w.drains <= 5
+        finally:
+            c.task.cancel()
+
+
 async def test_moved_file_dirties_both_paths(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "old").write_bytes(b"x")
