@@ -1,8 +1,9 @@
 """replicator side by side with rsync: `make bench` (or `python benchmarks/run.py --help`).
 
 Runs, in one go and on the same data, the initial sync of one big file and of many small
-files, the resync after a 1% scattered change, and the latency of single small changes;
-prints medians over the repetitions, the ratio replicator/rsync and the project's targets.
+files, the resync after a 1% scattered change, the latency of single small changes, and a
+bulk copy into a live tree; prints medians over the repetitions, the ratio replicator/rsync
+and the project's targets.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The four benchmarks, each run side by side with rsync where rsync has a counterpart.
+"""The five benchmarks, each run side by side with rsync where rsync has a counterpart.
 
 Fairness: both tools get the same source data, a destination in the same state, and (when
 the page cache can be dropped) a cold cache before every timed run; the tool that goes
@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from benchmarks.mirror import (
 )
 from benchmarks.report import MIB, Row, Target, median, percentile
 from benchmarks.rsyncd import RsyncDaemon
-from benchmarks.util import count_files, drop_caches, files_equal, trees_equal
+from benchmarks.util import count_files, drop_caches, file_stamps, files_equal, trees_equal
 
 log = logging.getLogger("bench")
 
@@ -512,10 +513,128 @@ class Bench:
         ds = proc.dataset()
         return max(at_least, int(ds["written_lsn"])) if ds else at_least
 
+    # --- 5. a bulk copy into a live tree -----------------------------------------------
+
+    def live_small(self) -> None:
+        """The small tree copied with `cp -a` into a source that is already mirrored: the
+        time from the copy's start until the copy is safe at the DR site. replicator runs
+        throughout and takes the files as they are written; rsync runs once, right after
+        the copy, the best a cron job could do. No target: the issue sets none."""
+        s = self.settings
+        tree = self.prepare_small()
+        t = Row(f"bulk copy of {s.small_files} files into a live tree, until mirrored", "s")
+        cp_row = Row("  of which the copy itself (cp -a)", "s")
+        src, rs_dst = self._dir("src-live"), self.rsyncd.root / "live"
+        dst, state = self._dir("dst-live"), self._dir("state-live")
+
+        def fresh_source() -> None:
+            self._fresh(src)
+            src.mkdir(parents=True)
+            (src / "marker").write_bytes(b"mirrored before the copy\n")
+
+        for rep in range(s.reps):
+            def run_rsync() -> None:
+                fresh_source()
+                self._fresh(rs_dst)
+                self.rsyncd.sync(src, "live")  # the tree before the copy, untimed
+                self.cold()
+                t0 = time.perf_counter()
+                copy = _Copy(tree, src / "tree")
+                copy.wait()
+                self.rsyncd.sync(src, "live")
+                t.rsync.append(time.perf_counter() - t0)
+                cp_row.rsync.append(copy.seconds)
+                self._check(copy.ok and trees_equal(src, rs_dst), "rsync live copy")
+
+            def run_replicator() -> None:
+                fresh_source()
+                self._fresh(dst, state)
+                r = self._live_replicator(tree, src, dst, state)
+                if r is None:
+                    return
+                t.replicator.append(r[0])
+                cp_row.replicator.append(r[1])
+                self._check(trees_equal(src, dst), "replicator live copy")
+
+            self._ordered(rep, run_rsync, run_replicator)
+        self._fresh(src, rs_dst, dst, state)
+        self.rows += [t, cp_row]
+
+    def _live_replicator(self, tree: Path, src: Path, dst: Path,
+                         state: Path) -> tuple[float, float] | None:
+        """A mirror of `src`, caught up; then `tree` copied into it. Returns the seconds from
+        the copy's start to caught up with every file's size and mtime in place, and the
+        copy's own seconds; None when replicator cannot run."""
+        if self.replicator_error is not None or self._failed_in == self.current:
+            return None
+        self._runs += 1
+        proc = self._mirror(src, dst, state, f"{self.current}-{self._runs}")
+        copy: _Copy | None = None
+        seen_at = 0.0
+
+        def copied() -> bool:
+            # only once the status says caught up; the walks are left for last, so that
+            # they do not compete with the mirror while the copy runs
+            nonlocal seen_at
+            seen_at = time.perf_counter()
+            return (copy is not None and copy.done and copy.ok
+                    and count_files(dst) >= count_files(src)
+                    and file_stamps(src) == file_stamps(dst))
+
+        try:
+            proc.start()
+            proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL,
+                                self._same_file(src / "marker", dst / "marker"))
+            self.cold()
+            copy = _Copy(tree, src / "tree")
+            proc.wait_caught_up(SYNC_TIMEOUT, CATCH_UP_POLL, copied)
+        except (MirrorFailed, TimeoutError) as e:
+            self._failed(proc, e)
+            return None
+        finally:
+            proc.stop()
+            if copy is not None:
+                copy.wait()
+        log.info("replicator live copy seconds=%.3f copy_seconds=%.3f",
+                 seen_at - copy.started, copy.seconds)
+        return seen_at - copy.started, copy.seconds
+
+
+class _Copy:
+    """`cp -a SRC DST` in the background; `ended` is the perf_counter time it exited."""
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self._proc = subprocess.Popen(["cp", "-a", "--", str(src), str(dst)])
+        self._waiter = threading.Thread(target=self._wait, daemon=True)
+        self._waiter.start()
+
+    def _wait(self) -> None:
+        self._proc.wait()
+        self.ended = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.ended is not None
+
+    @property
+    def ok(self) -> bool:
+        return self._proc.returncode == 0
+
+    @property
+    def seconds(self) -> float:
+        assert self.ended is not None
+        return self.ended - self.started
+
+    def wait(self) -> None:
+        self._waiter.join()
+
 
 BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "initial-big": Bench.initial_big,
     "initial-small": Bench.initial_small,
     "resync": Bench.resync,
     "latency": Bench.latency,
+    "live-small": Bench.live_small,
 }

@@ -79,6 +79,20 @@ def count_files(root: Path) -> int:
     return sum(len(names) for _, _, names in os.walk(root))
 
 
+def file_stamps(root: Path) -> dict[Path, tuple[int, int]]:
+    """(size, mtime_ns) of every regular file under root, by relative path."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath, name)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            out[path.relative_to(root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def trees_equal(a: Path, b: Path) -> bool:
     """Same regular files with the same contents (modes and times are not compared)."""
     files = tree_files(a)

@@ -28,7 +28,7 @@ def test_all_benchmarks_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixtu
     doc = json.loads(out.read_text())
     assert doc["failures"] == []
     rows = {r["benchmark"]: r for r in doc["rows"]}
-    assert len(rows) == 15
+    assert len(rows) == 17
     for label, row in rows.items():
         assert row["replicator_median"] is not None, label
         if "latency" not in label:
