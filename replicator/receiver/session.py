@@ -389,10 +389,10 @@ class Session:
         error: Exception | None = None
         try:
             for raw in batches:
-                for f in raw.parse().frames:
+                for f, payload in raw.frames():
                     if self._closing:
                         break
-                    self._frame(f)
+                    self._frame(f, payload)
                     touched.add(f.dataset)
         except Exception as e:
             error = e
@@ -437,7 +437,8 @@ class Session:
         if busy is not None and not busy.done():
             await asyncio.to_thread(concurrent.futures.wait, [busy])
 
-    def _frame(self, f: pb.Frame) -> None:
+    def _frame(self, f: pb.Frame, payload: bytes) -> None:
+        """One frame, `payload` its serialized bytes as they came: what is journaled."""
         if f.dataset >= len(self.datasets):
             raise ProtocolError(f"frame for dataset #{f.dataset}, which the hello did not name")
         frame = frame_from_pb(f)
@@ -445,10 +446,10 @@ class Session:
         open_ = self._open[f.dataset]
         body = frame.body
         kind = _KINDS[f.WhichOneof("body")]
-        ds.wire_bytes += f.ByteSize()
+        ds.wire_bytes += len(payload)
         if kind is EntryKind.RECORD:
             assert isinstance(body, Whole)
-            self._whole(ds, open_, frame.lsn, body, f)
+            self._whole(ds, open_, frame.lsn, body, payload)
             return
         if kind is EntryKind.HEADER:
             assert isinstance(body, Header)
@@ -469,14 +470,14 @@ class Session:
                 log.info("record resumed dataset=%s lsn=%d path=%r from_block=%d of=%d",
                          ds.label, frame.lsn, body.path, body.resume_from,
                          block_count(body.size, body.block_size))
-                self._append(ds, frame.lsn, kind, f.SerializeToString())
+                self._append(ds, frame.lsn, kind, payload)
                 return
             if partial is not None:
                 partial.discard(ds.mirror, ds.label, "another_record")
             open_ = _Open(frame.lsn, body)
             self._open[f.dataset] = open_
             if _stageable(body):
-                self._append(ds, frame.lsn, kind, f.SerializeToString())
+                self._append(ds, frame.lsn, kind, payload)
                 self._start_staged(ds, open_, frame.lsn)
                 return
         elif open_ is None:
@@ -493,10 +494,10 @@ class Session:
             if open_.staged:
                 assert isinstance(body, End)
                 self._finish_staged(ds, open_, frame.lsn, body)
-        self._append(ds, frame.lsn, kind, f.SerializeToString())
+        self._append(ds, frame.lsn, kind, payload)
 
     def _whole(self, ds: ReceiverDataset, open_: _Open | None, lsn: int, whole: Whole,
-               f: pb.Frame) -> None:
+               payload: bytes) -> None:
         """A whole record in one frame: checked as its header, blocks and end would be,
         journaled as one RECORD entry. Only small records travel whole (a big one would
         hold a message for its whole size, and is staged or patched in place)."""
@@ -511,9 +512,8 @@ class Session:
             partial, ds.partial = ds.partial, None
             partial.discard(ds.mirror, ds.label, "another_record")
         checked = _Open(lsn, h)
-        for b in f.record.blocks:
+        for b in whole.blocks:
             _check_block(checked, b, ds.label, lsn)
-        payload = f.SerializeToString()
         self._append(ds, lsn, EntryKind.RECORD, payload)
         ds.applier.decoded.put(lsn, payload, whole)  # spares the applier decoding it again
 
@@ -687,7 +687,7 @@ def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
     open_.upto = i + 1
 
 
-def _check_block(open_: _Open, b: pb.Block, label: str, lsn: int) -> None:
+def _check_block(open_: _Open, b: pb.Block | Block, label: str, lsn: int) -> None:
     h = open_.header
     if h.op is not Op.FILE:
         raise ProtocolError(f"{label} LSN {lsn}: block in a {h.op.name} record")

@@ -25,7 +25,8 @@ Buffer = bytes | bytearray | memoryview
 
 # protobuf tags: (field number << 3) | wire type; 0 = varint, 2 = length-delimited
 AGENT_MESSAGE_BATCH = b"\x12"    # AgentMessage.batch = 2
-_BATCH_FRAME = b"\x0a"           # Batch.frames = 1
+BATCH_FRAME_TAG = 0x0A           # Batch.frames = 1, as an int
+_BATCH_FRAME = bytes((BATCH_FRAME_TAG,))
 _FRAME_DATASET = 0x08            # Frame.dataset = 1
 _FRAME_LSN = 0x10                # Frame.lsn = 2
 _FRAME_BLOCK = 0x22              # Frame.block = 4

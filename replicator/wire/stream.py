@@ -8,14 +8,16 @@ So the Stream is registered here with its own serializers:
 - agent: a batch arrives as the bytes `wire.framing.batch_message` built and goes out as it
   is; hello and heartbeat messages are serialised as usual;
 - receiver: a message that starts with the AgentMessage.batch tag is not parsed on the
-  event loop but handed on as a `RawBatch`, which the session parses in its worker thread;
-  anything else is parsed at once (hellos and heartbeats are small).
+  event loop but handed on as a `RawBatch`, which the session parses in its worker thread,
+  frame by frame, keeping each frame's bytes as they came for its journal (see
+  `RawBatch.frames`); anything else is parsed at once (hellos and heartbeats are small).
 
 The other methods are registered exactly as the generated code does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import grpc
 
 from replicator.errors import ProtocolError
 from replicator.wire import SERVICE_NAME, pb, rpc
-from replicator.wire.framing import AGENT_MESSAGE_BATCH
+from replicator.wire.framing import AGENT_MESSAGE_BATCH, BATCH_FRAME_TAG
 
 STREAM_METHOD = f"/{SERVICE_NAME}/Stream"
 
@@ -49,9 +51,73 @@ class RawBatch:
             raise ProtocolError("a message that began as a batch is not one")
         return message.batch
 
+    def frames(self) -> Iterator[tuple[pb.Frame, bytes]]:
+        """Each frame, parsed, with its serialized bytes as they arrived: what the journal
+        stores, so that no frame is serialized again, and whose length is what the frame
+        took on the wire. A batch laid out as `framing.batch_message` lays it out (one
+        batch field; in it, frames only) is cut into frames here and each is parsed on its
+        own; any other layout, valid protobuf all the same, is parsed whole and its frames
+        serialized. ProtocolError for bytes that do not parse, raised when the frame is
+        reached: the frames before it are yielded first."""
+        spans = _frame_spans(self.data)
+        if spans is None:
+            for f in self.parse().frames:
+                yield f, f.SerializeToString()
+            return
+        data, parse = self.data, pb.Frame.FromString
+        for start, end in spans:
+            raw = data[start:end]
+            try:
+                f = parse(raw)
+            except Exception as e:  # protobuf raises DecodeError, a bare Exception subclass
+                raise ProtocolError(f"undecodable frame: {e}") from None
+            yield f, raw
+
     def __len__(self) -> int:
         """Its size on the wire, as the agent counted it for flow control."""
         return len(self.data)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at `pos` and the position after it. IndexError if it runs
+    past the end, ValueError if past 10 bytes."""
+    value = shift = 0
+    for _ in range(10):
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _frame_spans(data: bytes) -> list[tuple[int, int]] | None:
+    """Where each frame of a batch message lies in `data`, if the message is one
+    AgentMessage.batch field that holds Batch.frames entries only; else None."""
+    n = len(data)
+    try:
+        if data[:1] != AGENT_MESSAGE_BATCH:
+            return None
+        size, pos = _varint(data, 1)
+        if pos + size != n:
+            return None
+        spans = []
+        while pos < n:
+            if data[pos] != BATCH_FRAME_TAG:
+                return None
+            length = data[pos + 1]
+            if length < 0x80:
+                start = pos + 2
+            else:
+                length, start = _varint(data, pos + 1)
+            pos = start + length
+            if pos > n:
+                return None
+            spans.append((start, pos))
+    except (IndexError, ValueError):
+        return None
+    return spans
 
 
 def _serialize(message: Any) -> bytes:
