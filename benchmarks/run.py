@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.current = name
                 BENCHMARKS[name](bench)
     finally:
+        bench.empty_trash()
         if args.keep:
             log.info("data kept workdir=%s", work)
         else:

@@ -7,6 +7,13 @@ rsync's process exit; replicator's first `/status` poll (every 10 ms) that shows
 up with the destination file in place. So replicator's times include its start-up.
 Every timed result is then checked against the source (untimed); a mismatch is reported,
 never silently timed.
+
+Trees of many small files are never deleted between runs, only set aside (renamed into
+`trash/`, emptied when the whole run is over): on an ext4 without a journal, creating files
+within minutes of deleting thousands costs a scan of the recently freed inodes per new
+inode (`recently_deleted`), which made whichever run came after a delete up to ten times
+slower, for either tool. A real initial sync writes to a file system that did not just
+lose 20,000 files. Big files are deleted at once (a few inodes, and 1 GiB each).
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class Bench:
     replicator_error: str | None = None
     _synced: set[str] = field(default_factory=set)  # "big:rsync", "big:replicator"
     _runs: int = 0
+    _set_aside_count: int = 0
     _failed_in: str | None = None  # benchmark in which replicator failed: skip its other runs
     current: str = ""  # the benchmark running
 
@@ -167,6 +175,27 @@ class Bench:
         for p in paths:
             shutil.rmtree(p, ignore_errors=True)
 
+    @property
+    def trash(self) -> Path:
+        return self._dir("trash")
+
+    def _set_aside(self, *paths: Path) -> None:
+        """As `_fresh`, for trees of many small files: moved into `trash` instead of deleted
+        (see the module's docstring); deleted where they cannot be moved."""
+        for p in paths:
+            if not p.exists():
+                continue
+            self.trash.mkdir(exist_ok=True)
+            self._set_aside_count += 1
+            try:
+                p.rename(self.trash / f"{self._set_aside_count}-{p.name}")
+            except OSError:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def empty_trash(self) -> None:
+        """Deletes what `_set_aside` kept; once no run is timed any more."""
+        shutil.rmtree(self.trash, ignore_errors=True)
+
     def _same_file(self, src: Path, dst: Path) -> Callable[[], bool]:
         def ready() -> bool:
             try:
@@ -200,15 +229,17 @@ class Bench:
 
     def _context_runs(self, fsync: Row | None, split: Row | None, src: Path, name: str,
                       ready: Callable[[Path], Callable[[], bool]],
-                      same: Callable[[Path], bool]) -> list[Callable[[], None]]:
+                      same: Callable[[Path], bool],
+                      clear: Callable[..., None]) -> list[Callable[[], None]]:
         """One repetition's runs for the rows of `_extra_rows`: `rsync --fsync` into the
         module's `name`, and the two-process topology. `ready(tree)` is the cheap check that
-        a tree has arrived, `same(tree)` the full comparison with the source."""
+        a tree has arrived, `same(tree)` the full comparison with the source, `clear` empties
+        a destination (`_fresh` or `_set_aside`)."""
         runs: list[Callable[[], None]] = []
         if fsync is not None:
             def run_rsync_fsync() -> None:
                 rs_dst = self.rsyncd.root / name
-                self._fresh(rs_dst)
+                clear(rs_dst)
                 fsync.rsync.append(self.rsync(src, name, fsync=True)[0])
                 self._check(same(rs_dst), f"rsync --fsync {name}")
             runs.append(run_rsync_fsync)
@@ -216,7 +247,7 @@ class Bench:
             def run_split() -> None:
                 root, state = self._split_dirs(name)
                 tree = SplitProcess.tree_in(root)
-                self._fresh(root, state)
+                clear(root, state)
                 r = self.replicator(src, root, state, ready(tree), split=True)
                 if r is not None:
                     split.replicator.append(r[0])
@@ -283,7 +314,8 @@ class Bench:
                 self._synced.add("big:replicator")
 
             self._ordered(rep, run_rsync, run_replicator,
-                          *self._context_runs(fsync, split, src, "big", big_ready, big_same))
+                          *self._context_runs(fsync, split, src, "big", big_ready, big_same,
+                                              self._fresh))
         self._fresh(*self._split_dirs("big"))
         self.rows += [t, *filter(None, (fsync, split)), w]
 
@@ -308,12 +340,12 @@ class Bench:
 
         for rep in range(s.reps):
             def run_rsync() -> None:
-                self._fresh(rs_dst)
+                self._set_aside(rs_dst)
                 t.rsync.append(self.rsync(src, "small")[0])
                 self._check(trees_equal(src, rs_dst), "rsync small files")
 
             def run_replicator() -> None:
-                self._fresh(dst, state)
+                self._set_aside(dst, state)
                 r = self.replicator(src, dst, state, small_ready(dst))
                 if r is None:
                     return
@@ -321,9 +353,8 @@ class Bench:
                 self._check(trees_equal(src, dst), "replicator small files")
 
             self._ordered(rep, run_rsync, run_replicator, *self._context_runs(
-                fsync, split, src, "small", small_ready, small_same))
-        # 20k files are cheap to make again but slow to delete: drop them now
-        self._fresh(rs_dst, dst, state, *self._split_dirs("small"))
+                fsync, split, src, "small", small_ready, small_same, self._set_aside))
+        self._set_aside(rs_dst, dst, state, *self._split_dirs("small"))
         self.rows += [t, *filter(None, (fsync, split))]
 
     # --- 3. resync after 1% scattered change ------------------------------------------
@@ -528,14 +559,14 @@ class Bench:
         dst, state = self._dir("dst-live"), self._dir("state-live")
 
         def fresh_source() -> None:
-            self._fresh(src)
+            self._set_aside(src)
             src.mkdir(parents=True)
             (src / "marker").write_bytes(b"mirrored before the copy\n")
 
         for rep in range(s.reps):
             def run_rsync() -> None:
                 fresh_source()
-                self._fresh(rs_dst)
+                self._set_aside(rs_dst)
                 self.rsyncd.sync(src, "live")  # the tree before the copy, untimed
                 self.cold()
                 t0 = time.perf_counter()
@@ -548,7 +579,7 @@ class Bench:
 
             def run_replicator() -> None:
                 fresh_source()
-                self._fresh(dst, state)
+                self._set_aside(dst, state)
                 r = self._live_replicator(tree, src, dst, state)
                 if r is None:
                     return
@@ -557,7 +588,7 @@ class Bench:
                 self._check(trees_equal(src, dst), "replicator live copy")
 
             self._ordered(rep, run_rsync, run_replicator)
-        self._fresh(src, rs_dst, dst, state)
+        self._set_aside(src, rs_dst, dst, state)
         self.rows += [t, cp_row]
 
     def _live_replicator(self, tree: Path, src: Path, dst: Path,
