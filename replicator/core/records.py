@@ -7,6 +7,12 @@ record, one `Whole` frame holding all of them. The receiver shows all of a recor
 mirror or none of it.
 
 These are the core types; `replicator.wire` converts them to and from protobuf.
+
+They are values: once made, a record or any part of it is never changed (make a new one,
+with `dataclasses.replace` if need be); the receiver hands the records it decoded to the
+applier's thread as they are. They are not declared frozen only because a frozen
+dataclass sets each field through `object.__setattr__`: a Header took 1.8 us to make
+instead of 0.6 us, and each side makes six of these per small file.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class Codec(enum.IntEnum):
     ZERO = 2      # all zeros (a hole); data is empty
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attrs:
     """File attributes as the primary has them. `mode` is st_mode (type and permission bits)."""
 
@@ -48,7 +54,7 @@ class Attrs:
     xattrs: dict[bytes, bytes] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Header:
     op: Op
     path: str                    # relative to the dataset root, '/'-separated
@@ -66,7 +72,7 @@ class Header:
     resume_from: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Block:
     index: int
     codec: Codec
@@ -74,13 +80,13 @@ class Block:
     data: bytes | memoryview  # agent side: may be a view of the chunk read (immutable)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class End:
     digest: bytes = b""          # FILE: digest of the whole file after the change
     aborted: bool = False        # the record is void: the source changed while it was read
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Whole:
     """A whole record in one frame: its header, blocks and end, for small records."""
 
@@ -92,7 +98,7 @@ class Whole:
 Body = Header | Block | End | Whole
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     """One piece of a record of one dataset (the dataset is implied by the caller)."""
 
