@@ -605,12 +605,13 @@ class Bench:
 
         def copied() -> bool:
             # only once the status says caught up; the walks are left for last, so that
-            # they do not compete with the mirror while the copy runs
+            # they do not compete with the mirror while the copy runs (a failed copy ends
+            # the wait too: it is reported below)
             nonlocal seen_at
             seen_at = time.perf_counter()
-            return (copy is not None and copy.done and copy.ok
-                    and count_files(dst) >= count_files(src)
-                    and file_stamps(src) == file_stamps(dst))
+            return copy is not None and copy.done and (
+                not copy.ok or (count_files(dst) >= count_files(src)
+                                and file_stamps(src) == file_stamps(dst)))
 
         try:
             proc.start()
@@ -626,6 +627,9 @@ class Bench:
             proc.stop()
             if copy is not None:
                 copy.wait()
+        if not copy.ok:
+            self._check(False, "cp -a into the live tree")
+            return None
         log.info("replicator live copy seconds=%.3f copy_seconds=%.3f",
                  seen_at - copy.started, copy.seconds)
         return seen_at - copy.started, copy.seconds
