@@ -66,3 +66,19 @@ def test_a_workdir_that_cannot_be_made_is_a_one_line_error(
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("benchmarks: cannot make a data directory in ")
+
+
+def test_live_small_with_the_real_replicator(tmp_path: Path) -> None:
+    """The bulk copy into a running mirror, against the real `replicator mirror`: its status
+    and the tree it writes end the wait, and the copy verifies."""
+    out = tmp_path / "figures.json"
+    code = run.main(["--quick", "--only", "live-small", "--files", "300",
+                     "--drop-caches", "no", "--workdir", str(tmp_path), "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["failures"] == [] and not any("replicator" in n for n in doc.get("notes", []))
+    rows = {r["benchmark"]: r for r in doc["rows"]}
+    until = rows["bulk copy of 300 files into a live tree, until mirrored"]
+    copy = rows["  of which the copy itself (cp -a)"]
+    # the mirror is caught up after the copy it takes in, never before
+    assert until["replicator_median"] >= copy["replicator_median"] > 0
