@@ -1,8 +1,9 @@
 """File system events of a directory dataset -> coalesced batches of dirty paths, in asyncio.
 
 watchdog's inotify observer runs in its own threads (one reading the inotify fd, one per
-watch turning raw events into watchdog events, one dispatching them). The handler turns
-each event into relative paths and appends them to an inbox; only the event that finds the
+watch turning raw events into watchdog events, one dispatching them, idle here: the
+emitter hands each event on itself). `_deliver` turns each event into relative paths and
+appends them to an inbox; only the event that finds the
 inbox empty wakes the event loop (`call_soon_threadsafe`), which then takes everything the
 inbox holds. So a burst (an untar, a copy: several events per file) costs one wake-up per
 burst, not a write to the loop's self-pipe and a loop iteration per event. From the inbox
@@ -153,10 +154,25 @@ class _WatchGroup(InotifyWatchGroup):
 
 
 class _Emitter(InotifyEmitter):
+    """watchdog's inotify emitter, handing each event to `deliver` in its own thread.
+
+    watchdog puts events in a queue for its dispatch thread, which calls the handlers: one
+    hand-over between threads per event, a lock and a wake-up each time, and about five
+    events per file copied into the tree. `deliver` only appends to the Watcher's inbox,
+    so it runs here instead, and the dispatch thread idles."""
+
     def __init__(self, *args: Any, skip_dir: Callable[[bytes], bool] | None = None,
+                 deliver: Callable[[FileSystemEvent], None] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._skip_dir = skip_dir
+        self._deliver = deliver
+
+    def queue_event(self, event: FileSystemEvent) -> None:
+        if self._deliver is None:
+            super().queue_event(event)
+        elif self._event_filter is None or type(event) in self._event_filter:
+            self._deliver(event)
 
     def on_thread_start(self) -> None:
         # as InotifyEmitter.on_thread_start, with our watch group
@@ -173,11 +189,13 @@ class _Emitter(InotifyEmitter):
 class _Observer(BaseObserver):
     """An inotify observer with its own _InotifyFD (as watchdog's InotifyObserver)."""
 
-    def __init__(self, hooks: _Hooks, skip_dir: Callable[[bytes], bool]) -> None:
+    def __init__(self, hooks: _Hooks, skip_dir: Callable[[bytes], bool],
+                 deliver: Callable[[FileSystemEvent], None]) -> None:
         self._hooks = hooks
         self.inotify = _InotifyFD(hooks)
         self.inotify.start()
-        super().__init__(_Emitter, inotify_fd=self.inotify, skip_dir=skip_dir)
+        super().__init__(_Emitter, inotify_fd=self.inotify, skip_dir=skip_dir,
+                         deliver=deliver)
 
     def run(self) -> None:
         try:
@@ -203,6 +221,8 @@ class _Observer(BaseObserver):
 
 
 class _Handler(FileSystemEventHandler):
+    """What watchdog's schedule() needs; the emitter delivers our events itself."""
+
     def __init__(self, deliver: Callable[[FileSystemEvent], None]) -> None:
         self._deliver = deliver
 
@@ -266,7 +286,7 @@ class Watcher:
         self._restart_problem: str | None = None
         self._running = False
         self._lock = asyncio.Lock()  # start/stop/restart of the observer
-        # (relative paths, wall, monotonic) from watchdog's dispatch thread, for `_drain`
+        # (relative paths, wall, monotonic) from watchdog's emitter thread, for `_drain`
         self._inbox: list[tuple[list[str], float, float]] = []
         self._inbox_lock = threading.Lock()
 
@@ -425,7 +445,7 @@ class Watcher:
             loop.call_soon_threadsafe(fn, *args)
 
     def _deliver(self, event: FileSystemEvent) -> None:
-        """Runs in watchdog's dispatch thread; must never raise (it would kill the thread)."""
+        """Runs in watchdog's emitter thread; must never raise (it would kill the thread)."""
         try:
             wall, mono = time.time(), time.monotonic()
             rels: list[str] = []
@@ -582,7 +602,7 @@ class Watcher:
         await asyncio.sleep(0)
 
     def _new_observer(self) -> _Observer:
-        obs = _Observer(self, self._skip_dir)
+        obs = _Observer(self, self._skip_dir, self._deliver)
         try:
             obs.schedule(_Handler(self._deliver), self._root_s, recursive=True,
                          event_filter=_EVENT_FILTER)
