@@ -3,11 +3,11 @@
 watchdog's inotify observer runs in its own threads (one reading the inotify fd, one per
 watch turning raw events into watchdog events, one dispatching them, idle here: the
 emitter hands each event on itself). `_deliver` turns each event into relative paths and
-appends them to an inbox; only the event that finds the
-inbox empty wakes the event loop (`call_soon_threadsafe`), which then takes everything the
-inbox holds. So a burst (an untar, a copy: several events per file) costs one wake-up per
-burst, not a write to the loop's self-pipe and a loop iteration per event. From the inbox
-on everything runs on the loop.
+appends them to an inbox; only the event that finds the inbox empty wakes the event loop
+(`call_soon_threadsafe`), which then takes everything the inbox holds. So a burst (an
+untar, a copy: several events per file) costs one wake-up per burst, not a write to the
+loop's self-pipe and a loop iteration per event. From the inbox on everything runs on the
+loop.
 
 Coalescing. A path is pending from its first event until it is handed on. It is due
 `settle` seconds after its latest event, or `max_delay` after its first, whichever comes
@@ -167,11 +167,14 @@ class _Emitter(InotifyEmitter):
         super().__init__(*args, **kwargs)
         self._skip_dir = skip_dir
         self._deliver = deliver
+        # the event types to hand on, as watchdog's queue_event filters them (isinstance)
+        self._accept: tuple[type[FileSystemEvent], ...] | None = (
+            None if self._event_filter is None else tuple(self._event_filter))
 
     def queue_event(self, event: FileSystemEvent) -> None:
         if self._deliver is None:
             super().queue_event(event)
-        elif self._event_filter is None or type(event) in self._event_filter:
+        elif self._accept is None or isinstance(event, self._accept):
             self._deliver(event)
 
     def on_thread_start(self) -> None:
