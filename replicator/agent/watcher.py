@@ -161,9 +161,8 @@ class _Emitter(InotifyEmitter):
     events per file copied into the tree. `deliver` only appends to the Watcher's inbox,
     so it runs here instead, and the dispatch thread idles."""
 
-    def __init__(self, *args: Any, skip_dir: Callable[[bytes], bool] | None = None,
-                 deliver: Callable[[FileSystemEvent], None] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, deliver: Callable[[FileSystemEvent], None],
+                 skip_dir: Callable[[bytes], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._skip_dir = skip_dir
         self._deliver = deliver
@@ -172,9 +171,7 @@ class _Emitter(InotifyEmitter):
             None if self._event_filter is None else tuple(self._event_filter))
 
     def queue_event(self, event: FileSystemEvent) -> None:
-        if self._deliver is None:
-            super().queue_event(event)
-        elif self._accept is None or isinstance(event, self._accept):
+        if self._accept is None or isinstance(event, self._accept):
             self._deliver(event)
 
     def on_thread_start(self) -> None:
