@@ -250,14 +250,18 @@ class PartialStore:
         self._staged, self._saved = staged, blocks
         self._version += 1
 
-    def forget(self, staged: str) -> None:
+    def forget(self, staged: str, *, durable: bool = False) -> None:
         """Forgets the saved record if it is staged file `staged`'s (saved or being saved);
-        never the staged file itself, which may be the journal's now. No fsync: a record
-        left behind by a crash is dropped at load, as it names a record that is no longer
-        the next one or a staged file that is gone."""
+        never the staged file itself, which may be the journal's now. No fsync unless
+        `durable`: a record left behind by a crash is dropped at load, as it names a record
+        that is no longer the next one or a staged file that is gone. `durable` is for a
+        record that is still both, whose staged file is about to stop matching it."""
         with self._lock:
             if staged and staged in (self._staged, self._saving):
                 self._clear()
+                if durable:
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        fsync_dir(self.directory)
 
     def keep_only(self, staged: str) -> None:
         """Forgets the saved record unless it is staged file `staged`'s ("": any)."""

@@ -99,7 +99,7 @@ class _Open:
     """The record currently being received for one dataset."""
 
     __slots__ = ("lsn", "header", "nblocks", "fd", "staged", "hashes", "dirty", "upto",
-                 "ascending", "run", "run_first", "run_bytes")
+                 "high", "ascending", "run", "run_first", "run_bytes")
 
     def __init__(self, lsn: int, header: Header) -> None:
         self.lsn = lsn
@@ -113,6 +113,7 @@ class _Open:
         # ascending order (then every block below `upto` is staged or a hole: resumable)
         self.upto = 0
         self.ascending = True
+        self.high = 0  # one past the highest block received (written, in the run, or a hole)
         # decoded blocks not written yet: consecutive, from block run_first (see `write`)
         self.run: list[bytes | memoryview] = []
         self.run_first = 0
@@ -154,6 +155,7 @@ class _Open:
         """The partial record `p`, continued by `header` on this stream."""
         o = cls(lsn, header)
         o.fd, o.staged, o.hashes, o.dirty, o.upto = p.fd, p.staged, p.hashes, p.dirty, p.blocks
+        o.high = p.blocks
         p.fd = -1  # the fd is the record's now
         return o
 
@@ -487,6 +489,11 @@ class Session:
             _check_block(open_, f.block, ds.label, frame.lsn)
             if open_.staged:
                 assert isinstance(body, Block)
+                if body.index < open_.high:
+                    # a block below one already here: what is saved of this record (its
+                    # hashes) may no longer match the staged file once it is written, so
+                    # a restart must not find it, even one right after this write
+                    ds.partials.forget(open_.staged, durable=True)
                 _stage_block(open_, body, ds.label, frame.lsn)
                 return
         else:
@@ -668,23 +675,26 @@ def _check_header(h: Header, label: str, lsn: int) -> None:
 def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
     bs = open_.header.block_size
     i = b.index
+    below = i < open_.high  # a block that may have been written already: not ascending
+    open_.high = max(open_.high, i + 1)
     if b.codec is Codec.ZERO:
         if b.data:
             raise ProtocolError(f"{label} LSN {lsn}: zero block carries data")
-        h = zero_hash(b.raw_len)  # a new staged file is all holes already
+        h = zero_hash(b.raw_len)
+        if not below:  # a new staged file is all holes already
+            open_.flush()  # blocks before this hole first: `upto` counts in order
+            open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
+            open_.upto = i + 1
+            return
+        data: bytes | memoryview = bytes(b.raw_len)  # a hole over what may be data
     else:
         try:
             data = decode_block(b.codec, b.raw_len, b.data, bs)
         except ProtocolError as e:
             raise ProtocolError(f"{label} LSN {lsn}: block {i}: {e.message}") from None
-        open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = block_hash(data)
-        open_.write(i, data)
-        return
-    open_.flush()  # blocks before this hole first: `upto` counts in order
+        h = block_hash(data)
     open_.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
-    if i < open_.upto:
-        open_.ascending = False
-    open_.upto = i + 1
+    open_.write(i, data)
 
 
 def _check_block(open_: _Open, b: pb.Block | Block, label: str, lsn: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from replicator.core.blocks import HASH_SIZE
-from replicator.core.records import End, Frame, Record
+from replicator.core.records import Block, Codec, End, Frame, Record
 from replicator.errors import ProtocolError
 from replicator.receiver import partial as partial_mod
 from replicator.receiver import session as session_mod
@@ -309,6 +309,26 @@ def test_blocks_out_of_order_leave_no_partial(env: Env) -> None:
     assert env.ds.partial is None and env.incoming() == []
 
 
+def test_a_hole_sent_over_a_block_already_written_reads_as_zeros(env: Env) -> None:
+    """A staged file is all holes, so a ZERO block normally writes nothing; one that comes
+    after data for the same block (in the run or on disk) must zero it, or the file
+    would keep the data while its hashes, and so the digest check, say zeros."""
+    first = data(BIG, seed=31)
+    final = bytes(2 * BS) + first[2 * BS:]
+    r = new_file(1, "f", final)  # its blocks leave out the holes: they start at block 2
+    old = new_file(1, "f", first)
+    assert r.blocks[0].index == 2
+
+    def hole(i: int) -> Frame:
+        return Frame(1, Block(i, Codec.ZERO, BS, b""))
+
+    env.send(Frame(1, r.header), Frame(1, old.blocks[0]))  # block 0 is on disk
+    env.send(Frame(1, old.blocks[1]), hole(1), hole(0),  # block 1 still in the run
+             *(Frame(1, b) for b in r.blocks), Frame(1, r.end))
+    env.apply()
+    assert env.read("f") == final
+
+
 def saved_state(env: Env) -> list[str]:
     """The files of the dataset's saved partial record (see receiver.partial)."""
     d = env.root / "state" / STORE_DIR
@@ -407,6 +427,27 @@ def test_blocks_out_of_order_after_a_save_forget_it(
     env.send(Frame(1, r.blocks[2]))  # below the saved blocks: they are no longer trusted
     env.crash()
     assert env.ds.partial is None and saved_state(env) == [] and env.incoming() == []
+
+
+def test_a_block_below_the_saved_ones_forgets_them_before_it_is_written(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 right after such a block is written, before its batch is committed, must not
+    leave a saved state whose hashes no longer match the staged file."""
+    monkeypatch.setattr(session_mod, "SAVE_EVERY_BYTES", 8 * BS)
+    r = new_file(1, "f", data(BIG))
+    env.send(Frame(1, r.header), *(Frame(1, b) for b in r.blocks[:10]))
+    env.ds.partials.wait()
+    assert saved_state(env) != []
+    other = new_file(1, "f", data(BIG, seed=5))
+    m = pb.Frame()
+    frame_to_pb(0, Frame(1, other.blocks[2]), m)
+    env.session._frame(m, m.SerializeToString())  # only the frame work: no commit after it
+    open_ = env.session._open[0]
+    assert open_ is not None
+    open_.flush()  # and the block is in the staged file
+    assert saved_state(env) == []
+    env.crash()
+    assert env.ds.partial is None and saved_state(env) == []
 
 
 def _rewrite_record(env: Env, lsn: int) -> None:
