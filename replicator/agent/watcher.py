@@ -220,16 +220,6 @@ class _Observer(BaseObserver):
         return None
 
 
-class _Handler(FileSystemEventHandler):
-    """What watchdog's schedule() needs; the emitter delivers our events itself."""
-
-    def __init__(self, deliver: Callable[[FileSystemEvent], None]) -> None:
-        self._deliver = deliver
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._deliver(event)
-
-
 def _identity(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -604,7 +594,8 @@ class Watcher:
     def _new_observer(self) -> _Observer:
         obs = _Observer(self, self._skip_dir, self._deliver)
         try:
-            obs.schedule(_Handler(self._deliver), self._root_s, recursive=True,
+            # schedule() wants a handler; it is never called: the emitter delivers
+            obs.schedule(FileSystemEventHandler(), self._root_s, recursive=True,
                          event_filter=_EVENT_FILTER)
             obs.start()
         except BaseException:

@@ -110,7 +110,8 @@ class _Open:
         self.hashes = bytearray()
         self.dirty = 0        # bytes written since write-back was last started
         # staged blocks: one past the highest staged so far, and whether they came in
-        # ascending order (then every block below `upto` is staged or a hole: resumable)
+        # ascending order (then every block below `upto` is staged or a hole: resumable;
+        # see `arrived`)
         self.upto = 0
         self.ascending = True
         self.high = 0  # one past the highest block received (written, in the run, or a hole)
@@ -144,8 +145,6 @@ class _Open:
         if self.dirty >= WRITEBACK_BYTES:
             self.dirty = 0
             start_writeback(self.fd)
-        if self.run_first < self.upto:
-            self.ascending = False
         self.upto = self.run_first + len(run)
         self.run = []
         self.run_bytes = 0
@@ -168,6 +167,16 @@ class _Open:
 
     def resumable(self) -> bool:
         return self.fd >= 0 and self.ascending and self.upto > 0
+
+    def arrived(self, index: int) -> bool:
+        """Notes that block `index` arrived; True if it is below one that arrived before
+        (it may overwrite data: the record's blocks are no longer in ascending order)."""
+        below = index < self.high
+        if below:
+            self.ascending = False
+        else:
+            self.high = index + 1
+        return below
 
 
 def _stageable(h: Header) -> bool:
@@ -489,12 +498,13 @@ class Session:
             _check_block(open_, f.block, ds.label, frame.lsn)
             if open_.staged:
                 assert isinstance(body, Block)
-                if body.index < open_.high:
-                    # a block below one already here: what is saved of this record (its
-                    # hashes) may no longer match the staged file once it is written, so
-                    # a restart must not find it, even one right after this write
+                below = open_.arrived(body.index)
+                if below:
+                    # what is saved of this record (its hashes) may no longer match the
+                    # staged file once this is written: no restart may find it, even one
+                    # right after this write
                     ds.partials.forget(open_.staged, durable=True)
-                _stage_block(open_, body, ds.label, frame.lsn)
+                _stage_block(open_, body, below, ds.label, frame.lsn)
                 return
         else:
             self._open[f.dataset] = None
@@ -672,11 +682,10 @@ def _check_header(h: Header, label: str, lsn: int) -> None:
         raise ProtocolError(f"{label} LSN {lsn}: a whole file carries a base digest")
 
 
-def _stage_block(open_: _Open, b: Block, label: str, lsn: int) -> None:
+def _stage_block(open_: _Open, b: Block, below: bool, label: str, lsn: int) -> None:
+    """Stages block `b`; `below`: it came after a higher one (see `_Open.arrived`)."""
     bs = open_.header.block_size
     i = b.index
-    below = i < open_.high  # a block that may have been written already: not ascending
-    open_.high = max(open_.high, i + 1)
     if b.codec is Codec.ZERO:
         if b.data:
             raise ProtocolError(f"{label} LSN {lsn}: zero block carries data")

@@ -48,6 +48,20 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at `pos` in `data` and the position after it (the inverse of
+    `varint`). IndexError if it runs past the end, ValueError if past 10 bytes."""
+    value = shift = 0
+    for _ in range(10):
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
 def _field(tag: int, n: int, out: bytearray) -> None:
     """A varint field, left out when 0 as proto3 does."""
     if n:

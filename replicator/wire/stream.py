@@ -25,7 +25,7 @@ import grpc
 
 from replicator.errors import ProtocolError
 from replicator.wire import SERVICE_NAME, pb, rpc
-from replicator.wire.framing import AGENT_MESSAGE_BATCH, BATCH_FRAME_TAG
+from replicator.wire.framing import AGENT_MESSAGE_BATCH, BATCH_FRAME_TAG, read_varint
 
 STREAM_METHOD = f"/{SERVICE_NAME}/Stream"
 
@@ -78,20 +78,6 @@ class RawBatch:
         return len(self.data)
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The protobuf varint at `pos` and the position after it. IndexError if it runs
-    past the end, ValueError if past 10 bytes."""
-    value = shift = 0
-    for _ in range(10):
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("varint longer than 10 bytes")
-
-
 def _frame_spans(data: bytes) -> list[tuple[int, int]] | None:
     """Where each frame of a batch message lies in `data`, if the message is one
     AgentMessage.batch field that holds Batch.frames entries only; else None."""
@@ -99,18 +85,14 @@ def _frame_spans(data: bytes) -> list[tuple[int, int]] | None:
     try:
         if data[:1] != AGENT_MESSAGE_BATCH:
             return None
-        size, pos = _varint(data, 1)
+        size, pos = read_varint(data, 1)
         if pos + size != n:
             return None
         spans = []
         while pos < n:
             if data[pos] != BATCH_FRAME_TAG:
                 return None
-            length = data[pos + 1]
-            if length < 0x80:
-                start = pos + 2
-            else:
-                length, start = _varint(data, pos + 1)
+            length, start = read_varint(data, pos + 1)
             pos = start + length
             if pos > n:
                 return None

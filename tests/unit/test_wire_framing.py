@@ -15,6 +15,7 @@ from replicator.wire.framing import (
     batch_message,
     encode_frame,
     parts_size,
+    read_varint,
     varint,
 )
 
@@ -35,6 +36,21 @@ def test_varint_matches_protobuf(n: int) -> None:
     m = pb.Frame(lsn=n)
     expected = m.SerializeToString()[1:] if n else b""
     assert (varint(n) if n else b"") == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16383, 16384, 2**35, 2**64 - 1])
+def test_read_varint_reads_what_varint_wrote(n: int) -> None:
+    data = b"\xff" + varint(n) + b"\x01"
+    assert read_varint(data, 1) == (n, len(data) - 1)
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"\x80\x80", IndexError),          # runs past the end
+    (b"\xff" * 11, ValueError),          # longer than any 64-bit varint
+])
+def test_read_varint_refuses_what_is_not_one(data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        read_varint(data, 0)
 
 
 @pytest.mark.parametrize("dataset", [0, 1, 300])
