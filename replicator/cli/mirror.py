@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--block-size: {e}") from None
     setup_logging(args)
     lock_state_dir(state)
-    receiver = Receiver(state / "receiver", lambda s, d: dst)
+    # one process for both halves: the applier keeps the interpreter lock in its quick calls
+    receiver = Receiver(state / "receiver", lambda s, d: dst, hold_lock=True)
 
     async def main() -> None:
         try:

@@ -72,7 +72,6 @@ from replicator.core.blocks import (
 )
 from replicator.core.paths import encode_name, quote_path
 from replicator.core.records import Attrs, Base, Block, Codec, End, Header, Op, Whole
-from replicator.durable import pwrite_all
 from replicator.errors import PathRefused, ProtocolError, ReplicatorError
 from replicator.receiver.journal import (
     Entry,
@@ -539,7 +538,7 @@ class Applier:
                     raise _Resync(ERR_DIGEST, h.path, "digest does not match after applying")
                 self.mirror.set_attrs_fd(fd, h.attrs, fresh=old is None)
             finally:
-                os.close(fd)
+                self.mirror.calls.close(fd)
             if h.base is Base.PREVIOUS:
                 self._keep(staged, lsn)
             replaced_dir = self.mirror.install(staged, h.path)
@@ -664,6 +663,7 @@ class Applier:
                     block_length(common - 1, size, bs):
                 stale = common - 1
         sized = False  # a new file that its last block gave its full size already
+        write = self.mirror.calls.pwrite_all
         for block in reader.blocks():
             i = block.index
             raw_len = block.raw_len
@@ -673,10 +673,10 @@ class Applier:
             if block.codec is Codec.ZERO:
                 h_i = zero_hash(raw_len)
                 if old is not None:  # a new file is all holes already
-                    pwrite_all(fd, decode_block(block.codec, raw_len, b"", bs), i * bs)
+                    write(fd, decode_block(block.codec, raw_len, b"", bs), i * bs)
             else:
                 data = decode_block(block.codec, raw_len, block.data, bs)
-                pwrite_all(fd, data, i * bs)
+                write(fd, data, i * bs)
                 h_i = block_hash(data)
                 sized = sized or (old is None and i == n - 1)
             hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h_i

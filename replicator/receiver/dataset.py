@@ -31,6 +31,7 @@ from replicator.receiver.journal import Journal
 from replicator.receiver.manifest import Manifest
 from replicator.receiver.mirror import Mirror
 from replicator.receiver.partial import STORE_DIR, Partial, PartialStore
+from replicator.receiver.syscalls import Calls
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ STORAGE_RETRY_MAX = 30.0
 
 class ReceiverDataset:
     def __init__(self, source: str, name: str, kind: str, mirror_dir: Path,
-                 state_dir: Path) -> None:
+                 state_dir: Path, *, calls: Calls | None = None) -> None:
         self.source = source
         self.name = name
         self.kind = kind
@@ -49,7 +50,7 @@ class ReceiverDataset:
         self.mirror_dir = mirror_dir
         self.journal = Journal(state_dir / "journal")
         self.manifest = Manifest(state_dir / "manifest.db")
-        self.mirror = Mirror(mirror_dir, state_dir / "staging")
+        self.mirror = Mirror(mirror_dir, state_dir / "staging", calls)
         self.applier = self._new_applier()
         self.connected = False
         self.last_contact_at: float | None = None

@@ -55,6 +55,7 @@ from replicator.core.paths import (
 )
 from replicator.core.records import Attrs
 from replicator.errors import ConfigError, PathRefused, ProtocolError
+from replicator.receiver.syscalls import Calls
 
 DIR_MODE = 0o755            # directories created for missing parents
 STAGING_DIR_MODE = 0o700    # staged files may hold data not yet meant to be visible
@@ -131,8 +132,11 @@ class Mirror:
     nothing. Not thread-safe: one caller at a time.
     """
 
-    def __init__(self, root: Path, staging_dir: Path) -> None:
+    def __init__(self, root: Path, staging_dir: Path, calls: Calls | None = None) -> None:
         self.root = Path(os.path.abspath(root))
+        # what new files are made, written, finished and installed with (see syscalls);
+        # the applier writes and closes the staged files it gets through it too
+        self.calls = calls or Calls()
         self.staging_dir = Path(os.path.abspath(staging_dir))
         self._staging_prefix = os.fsencode(self.staging_dir)
         self._staging_str = os.fsdecode(self._staging_prefix + b"/")  # staged paths start so
@@ -260,12 +264,10 @@ class Mirror:
         while True:
             name = self._staged_name()
             try:
-                fd = os.open(
-                    name,
+                fd = self.calls.open_at(
+                    self._staging_fd, name,
                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    STAGED_FILE_MODE,
-                    dir_fd=self._staging_fd,
-                )
+                    STAGED_FILE_MODE)
             except FileExistsError:
                 continue
             self._fresh = fd
@@ -350,7 +352,7 @@ class Mirror:
         src = self._staged_basename(staged)
         dfd, name = self._parent(path, create=True)
         try:
-            os.rename(src, name, src_dir_fd=self._staging_fd, dst_dir_fd=dfd)
+            self.calls.rename_at(self._staging_fd, src, dfd, name)
         except IsADirectoryError:
             # rare: look before leaping would cost every install an lstat
             try:
@@ -492,10 +494,11 @@ class Mirror:
                 and attrs.uid in (None, self._fresh_owner[0])
                 and attrs.gid in (None, self._fresh_owner[1])):
             os.fchown(fd, _id(attrs.uid), _id(attrs.gid))
-        os.fchmod(fd, stat.S_IMODE(attrs.mode))  # after a chown, which clears set-ID bits
+        # after a chown, which clears set-ID bits
+        self.calls.fchmod(fd, stat.S_IMODE(attrs.mode))
         if attrs.xattrs is not None and (attrs.xattrs or not (fresh and self._fresh_bare)):
             _sync_xattrs(fd, attrs.xattrs, follow=True)
-        os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+        self.calls.set_mtime(fd, attrs.mtime_ns)
 
     def sync(self) -> None:
         """Make everything written so far durable: syncfs(2) on the mirror's file system.

@@ -26,6 +26,7 @@ from replicator.observe.metrics import ChangeLatency, DatasetCounters
 from replicator.receiver.dataset import ReceiverDataset
 from replicator.receiver.service import ReplicatorServicer
 from replicator.receiver.session import Session
+from replicator.receiver.syscalls import make_calls
 from replicator.wire import SERVICE_NAME
 from replicator.wire.stream import add_replicator_servicer
 
@@ -46,8 +47,11 @@ DATASET_TYPES = ("directory",)
 class Receiver:
     def __init__(self, state_dir: Path, mirror_dir: Callable[[str, str], Path], *,
                  sources: tuple[str, ...] | None = None,
-                 require_client_identity: bool = False) -> None:
+                 require_client_identity: bool = False, hold_lock: bool = False) -> None:
         self.state_dir = state_dir
+        # the appliers' quick file-system calls keep the interpreter lock: for a receiver
+        # that shares its process with an agent (`replicator mirror`; see syscalls)
+        self.hold_lock = hold_lock
         # agents must present a certificate naming their source_id (tls.client_ca)
         self.require_client_identity = require_client_identity
         self.mirror_dir = mirror_dir
@@ -92,7 +96,8 @@ class Receiver:
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps({"source": source, "dataset": name, "type": kind}))
             tmp.replace(meta)
-        ds = ReceiverDataset(source, name, kind, self.mirror_dir(source, name), state)
+        ds = ReceiverDataset(source, name, kind, self.mirror_dir(source, name), state,
+                             calls=make_calls(self.hold_lock))
         if self.latency is not None:
             ds.observe_latency = self.latency.observer(source, name)
         ds.open()

@@ -31,6 +31,7 @@ from replicator.receiver.applier import Applier, ApplyError
 from replicator.receiver.journal import EntryKind, Journal
 from replicator.receiver.manifest import Manifest, ManifestEntry
 from replicator.receiver.mirror import Mirror
+from replicator.receiver.syscalls import make_calls
 from replicator.wire.convert import encode_frame
 
 BS = 4096
@@ -136,6 +137,7 @@ IN_PLACE = 0     # every patch is applied in place
 class Env:
     root: Path
     inplace_min: int = COPY
+    hold_lock: bool = False  # the mirror's quick calls keep the interpreter lock (syscalls)
 
     def __post_init__(self) -> None:
         self.state = self.root / "state"
@@ -148,7 +150,8 @@ class Env:
         self.manifest = Manifest(self.state / "manifest.db")
         self.journal = Journal(self.state / "journal")
         self.journal.open(self.manifest.applied_lsn)
-        self.mirror = Mirror(self.mirror_dir, self.state / "staging")
+        self.mirror = Mirror(self.mirror_dir, self.state / "staging",
+                             make_calls(self.hold_lock))
         self.applier = Applier(self.journal, self.mirror, self.manifest, self.state / "keep",
                                label="src/ds", inplace_min_bytes=self.inplace_min)
 
@@ -180,9 +183,9 @@ class Env:
         return self.path(rel).read_bytes()
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
+@pytest.fixture(params=[False, True], ids=["calls", "held-calls"])
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    e = Env(tmp_path, hold_lock=request.param)
     try:
         yield e
     finally:
@@ -715,12 +718,10 @@ def crash_at_install(e: Env, nth: int) -> Callable[[], None]:
 def crash_in_place(e: Env, nth: int) -> Callable[[], None]:
     """Apply everything in one go and die at the nth block written by an in-place patch,
     after writing it, or just before it when nth is negative."""
-    import replicator.receiver.applier as applier_mod
-
     def work() -> None:
         e.open()
         calls = 0
-        real = applier_mod.pwrite_all
+        real = e.mirror.calls.pwrite_all
 
         def pwrite_all(fd: int, data: bytes, offset: int) -> None:
             nonlocal calls
@@ -733,7 +734,7 @@ def crash_in_place(e: Env, nth: int) -> Callable[[], None]:
                     kill_self()
             else:
                 real(fd, data, offset)
-        applier_mod.pwrite_all = pwrite_all  # type: ignore[assignment]
+        e.mirror.calls.pwrite_all = pwrite_all  # type: ignore[method-assign]
         e.applier.apply_upto(N, max_records=N, max_seconds=60)
     return work
 
