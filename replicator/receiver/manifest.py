@@ -13,10 +13,11 @@ disagree after a crash. `close` without a commit discards them, as a crash would
 
 Puts are the manifest's share of every small file the applier installs, so they are not
 executed one by one: rows and the "everything below this path" deletes of `put_replacing`
-collect in memory and go to SQLite in two `executemany` calls (deletes first) before
-anything reads or commits. Running every delete before every insert gives what running
-them in order gives unless a row lies below a path whose delete came after it (a file
-that replaced a directory holding entries of the same batch); that case flushes first.
+collect in memory and go to SQLite before anything reads or commits: the deletes in one
+`executemany` call, then the rows, many to a statement (see `sqlrows`). Running every
+delete before every insert gives what running them in order gives unless a row lies
+below a path whose delete came after it (a file that replaced a directory holding entries
+of the same batch); that case flushes first.
 A write that fails leaves the transaction in an unknown state (SQLite may have rolled it
 back), so from then on every read, write and commit raises that error again: the caller
 closes the manifest and opens it again, as after a crash.
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Literal
 
 from replicator.core.paths import decode_name, encode_name
+from replicator.sqlrows import execute_values
 
 SCHEMA_VERSION = 2
 # The one older schema converted in place; anything else is refused.
@@ -79,7 +81,8 @@ _COLUMNS = "path, kind, size, mode, mtime_ns, digest, hashes, target"
 # The rows of a path and everything below it: ?1 the path's bytes, ?2 and ?3 the bounds
 # from _tree_args. The range uses the primary key index.
 _TREE = "(path = ?1 OR (path >= ?2 AND path < ?3))"
-_PUT = f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# rows in order, a later one replacing an earlier one of the same path (see sqlrows)
+_PUT = f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES {{values}}"
 _DELETE_BELOW = "DELETE FROM files WHERE path >= ? AND path < ?"
 # A schema-1 table converted: TEXT that Python's sqlite3 wrote is valid UTF-8, so the
 # cast gives exactly the bytes encode_name gives for the same str.
@@ -251,7 +254,7 @@ class Manifest:
             if below:
                 self._db.executemany(_DELETE_BELOW, below)
             if rows:
-                self._db.executemany(_PUT, rows)
+                execute_values(self._db, _PUT, rows)
         except sqlite3.Error as e:
             self._failed = e
             raise

@@ -211,6 +211,21 @@ def test_hashes_in_flight_then_acked(index: Index) -> None:
     assert view._pending == {}
 
 
+def test_many_files_in_one_ack_and_a_path_put_twice(db: Path, index: Index) -> None:
+    """Acks of many new files go to SQLite many files to a statement (sqlrows): every
+    file lands, and of two puts of one path in the same ack the later one counts."""
+    view = View(index)
+    files = [F(f"d/f{i:04d}", i, b"%08d" % i * 2) for i in range(500)]
+    view.record(1, files[:250])
+    view.record(2, [F("d/f0007", 9999, b"later" * 3)] + files[250:])
+    view.acked(2)
+    want = {m.path: (KIND_FILE, m.entry.ino) for m in files} | {"d/f0007": (KIND_FILE, 9999)}
+    assert index_state(index) == want
+    assert index.hashes("d/f0007") == b"later" * 3
+    assert index.hashes("d/f0499") == b"%08d" % 499 * 2
+    assert reopened(db) == (want, 2)
+
+
 @pytest.mark.parametrize(("replacement", "want"), [
     (D("f", 9), None),                      # a dir over the file: no hashes
     (F("f", 9), None),                      # a file put without hashes has none

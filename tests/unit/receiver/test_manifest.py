@@ -190,6 +190,16 @@ def test_pending_puts_stay_bounded(db: Manifest) -> None:
     assert len(paths(db)) == PENDING_ROWS * 2 + 5
 
 
+def test_of_puts_of_one_path_in_a_batch_the_last_counts(db: Manifest) -> None:
+    # rows go to SQLite many to a statement (sqlrows): more than one statement's worth
+    for i in range(400):
+        db.put_file(f"d/{i % 7}", i, 0o100644, 1, b"d" * 16, b"h" * 16)
+    db.commit(1)
+    for k in range(7):
+        entry = db.get(f"d/{k}")
+        assert entry is not None and entry.size == max(i for i in range(400) if i % 7 == k)
+
+
 def test_a_failed_write_makes_commit_refuse(tmp_path: Path) -> None:
     m = Manifest(tmp_path / "m.db")
     m.put(file_entry("kept"))
