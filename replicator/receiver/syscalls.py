@@ -40,8 +40,6 @@ from replicator.durable import pwrite_all
 class Calls:
     """The plain os functions: the lock is let go during each call."""
 
-    holds_lock = False
-
     def open_at(self, dir_fd: int, name: bytes, flags: int, mode: int) -> int:
         return os.open(name, flags, mode, dir_fd=dir_fd)
 
@@ -91,8 +89,6 @@ class HeldCalls(Calls):
     """The same calls through libc, keeping the lock (see the module doc). One instance
     per thread: `set_mtime` reuses one buffer. Data that is not `bytes` (a memoryview) is
     written the plain way."""
-
-    holds_lock = True
 
     def __init__(self) -> None:
         libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the lock
