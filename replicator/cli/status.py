@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from replicator.config import DEFAULT_RECEIVER_HTTP
@@ -59,6 +57,10 @@ def status_url(url: str) -> str:
 
 
 def fetch(url: str) -> dict[str, Any]:
+    # here: every command imports this module (for its parser), only this one fetches
+    import urllib.error
+    import urllib.request
+
     target = status_url(url)
     try:
         with urllib.request.urlopen(target, timeout=TIMEOUT) as r:

@@ -24,11 +24,13 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-
-import aiomqtt
+from typing import TYPE_CHECKING
 
 from replicator.config import MqttConfig
 from replicator.lag import DatasetStatus
+
+if TYPE_CHECKING:
+    import aiomqtt  # imported where a publisher runs: a daemon without [mqtt] never needs it
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class MqttPublisher:
         return f"{self.config.topic_prefix}/{row.source}/{row.dataset}/status"
 
     def _client(self) -> aiomqtt.Client:
+        import aiomqtt
+
         c = self.config
         return aiomqtt.Client(
             c.host, c.port, username=c.username, password=c.password,
@@ -71,6 +75,8 @@ class MqttPublisher:
 
     async def run(self) -> None:
         """Connects, publishes and reconnects with capped backoff, until cancelled."""
+        import aiomqtt
+
         backoff = BACKOFF_INITIAL
         while True:
             try:

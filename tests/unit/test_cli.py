@@ -31,3 +31,17 @@ def test_status_and_help_load_no_daemon_code() -> None:
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_daemons_without_mqtt_or_status_load_neither() -> None:
+    """Every command builds every parser, and a daemon starts its gRPC side only once its
+    imports are done: the MQTT client (for [mqtt]) and urllib (for `replicator status`)
+    are imported where they are used, not by the modules that hold them."""
+    code = ("import sys; from replicator.cli import build_parser; build_parser(); "
+            "import replicator.observe.mqtt, replicator.cli.status; "
+            "print(' '.join(m for m in ('aiomqtt', 'paho.mqtt.client', 'urllib.request') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
