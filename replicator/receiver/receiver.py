@@ -96,8 +96,9 @@ class Receiver:
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps({"source": source, "dataset": name, "type": kind}))
             tmp.replace(meta)
-        ds = ReceiverDataset(source, name, kind, self.mirror_dir(source, name), state,
-                             calls=make_calls(self.hold_lock))
+        mirror = self.mirror_dir(source, name)
+        ds = ReceiverDataset(source, name, kind, mirror, state,
+                             calls=make_calls(self.hold_lock, mirror))
         if self.latency is not None:
             ds.observe_latency = self.latency.observer(source, name)
         ds.open()

@@ -21,7 +21,10 @@ What a held call costs: nothing else in the process runs until it returns. A wri
 the page cache can be made to wait when the disk falls behind (dirty-page throttling), and
 then the whole process waits too; in `mirror` the agent would be held back by that disk
 anyway. Only these quick calls are held: fsyncs, copies and reads of big files let go of
-the lock as usual.
+the lock as usual. A mirror on a network or FUSE file system is another matter: a server
+that stops answering would freeze every thread, /status and the signal handlers with it,
+where a plain call freezes the applier alone while /status shows the lag growing. So
+`make_calls` holds the lock only on a local file system (`local_fs`).
 
 Both classes raise what the os functions raise (OSError and its subclasses, with the
 file name; ValueError for a name holding NUL).
@@ -32,6 +35,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from replicator.durable import pwrite_all
@@ -146,9 +151,54 @@ class HeldCalls(Calls):
                 raise _error(src, dst)
 
 
-def make_calls(hold_lock: bool) -> Calls:
-    """HeldCalls where asked for and libc has them, else Calls."""
-    if hold_lock:
+# File systems whose calls may wait on another machine or process (mount(8) type names;
+# every "fuse.*" type too): a held call there could freeze the whole process
+REMOTE_FS_TYPES = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs",
+    "afs", "ocfs2", "gfs2", "davfs", "fuse", "fuseblk", "virtiofs",
+})
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def fs_type(path: str, mountinfo: str) -> str | None:
+    """The type of the file system holding absolute `path` (symlinks resolved), from the
+    text of /proc/self/mountinfo: the mount with the longest mount point above it."""
+    best, kind = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        try:
+            point = _unescape(fields[4])
+            fstype = fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        below = path == point or path.startswith(point.rstrip("/") + "/")
+        if below and len(point) > best:
+            best, kind = len(point), fstype
+    return kind
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in octal (\\040 ...)."""
+    if "\\" not in field:
+        return field
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def local_fs(path: Path) -> bool:
+    """True if `path` (or the directory it would be made in) is on a local file system;
+    False where that cannot be told (no /proc: the safe answer)."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            kind = fs_type(os.path.realpath(path), f.read())
+    except OSError:
+        return False
+    return kind is not None and kind not in REMOTE_FS_TYPES and not kind.startswith("fuse.")
+
+
+def make_calls(hold_lock: bool, root: Path) -> Calls:
+    """HeldCalls where asked for, `root` is on a local file system and libc has the calls;
+    else Calls."""
+    if hold_lock and local_fs(root):
         try:
             return HeldCalls()
         except (OSError, AttributeError):  # no libc to load, or a call missing from it

@@ -31,7 +31,7 @@ from replicator.receiver.applier import Applier, ApplyError
 from replicator.receiver.journal import EntryKind, Journal
 from replicator.receiver.manifest import Manifest, ManifestEntry
 from replicator.receiver.mirror import Mirror
-from replicator.receiver.syscalls import make_calls
+from replicator.receiver.syscalls import Calls, HeldCalls
 from replicator.wire.convert import encode_frame
 
 BS = 4096
@@ -151,7 +151,7 @@ class Env:
         self.journal = Journal(self.state / "journal")
         self.journal.open(self.manifest.applied_lsn)
         self.mirror = Mirror(self.mirror_dir, self.state / "staging",
-                             make_calls(self.hold_lock))
+                             HeldCalls() if self.hold_lock else Calls())
         self.applier = Applier(self.journal, self.mirror, self.manifest, self.state / "keep",
                                label="src/ds", inplace_min_bytes=self.inplace_min)
 

@@ -17,7 +17,7 @@ from replicator.core.records import Attrs
 from replicator.errors import ConfigError, PathRefused, ProtocolError
 from replicator.receiver import mirror as mirror_mod
 from replicator.receiver.mirror import Mirror
-from replicator.receiver.syscalls import make_calls
+from replicator.receiver.syscalls import Calls, HeldCalls
 
 NS = 1_700_000_000_123_456_789  # an mtime with all nine nanosecond digits set
 FILE_ATTRS = Attrs(mode=stat.S_IFREG | 0o640, mtime_ns=NS)
@@ -58,7 +58,7 @@ def outside(tmp_path: Path) -> Path:
 def mirror(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mirror]:
     # every test of the fixture runs with both ways of making the quick calls (syscalls)
     m = Mirror(tmp_path / "mirror" / "src" / "ds", tmp_path / "state" / "staging",
-               make_calls(request.param))
+               HeldCalls() if request.param else Calls())
     try:
         yield m
     finally:
