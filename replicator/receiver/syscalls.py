@@ -162,7 +162,9 @@ MOUNTINFO = "/proc/self/mountinfo"
 
 def fs_type(path: str, mountinfo: str) -> str | None:
     """The type of the file system holding absolute `path` (symlinks resolved), from the
-    text of /proc/self/mountinfo: the mount with the longest mount point above it."""
+    text of /proc/self/mountinfo: the mount with the longest mount point above it, and of
+    mounts on one point the last (it hides the ones before: an NFS share over its autofs
+    trigger, say)."""
     best, kind = -1, None
     for line in mountinfo.splitlines():
         fields = line.split(" ")
@@ -172,7 +174,7 @@ def fs_type(path: str, mountinfo: str) -> str | None:
         except (IndexError, ValueError):
             continue
         below = path == point or path.startswith(point.rstrip("/") + "/")
-        if below and len(point) > best:
+        if below and len(point) >= best:
             best, kind = len(point), fstype
     return kind
 

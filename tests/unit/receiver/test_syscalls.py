@@ -61,6 +61,8 @@ MOUNTINFO = """\
 32 30 254:1 / /mnt/nas/local rw - xfs /dev/vdb rw
 33 27 0:42 / /home/u/remote rw,nosuid - fuse.sshfs u@host:/ rw
 34 27 0:43 / /srv/ram rw - tmpfs tmpfs rw
+36 27 0:45 / /net/dr rw - autofs systemd-1 rw,fd=51
+37 36 0:46 / /net/dr rw - nfs4 dr:/mirror rw
 35 27 0:44 / /broken line
 """
 
@@ -75,6 +77,7 @@ MOUNTINFO = """\
     ("/mnt/my share/mirror", "cifs", False),       # an escaped space in the mount point
     ("/home/u/remote/dr", "fuse.sshfs", False),
     ("/srv/ram/m", "tmpfs", True),
+    ("/net/dr/m", "nfs4", False),                  # mounted over its autofs trigger
 ])
 def test_fs_type_of_a_path(path: str, kind: str, local: bool, tmp_path: Path,
                            monkeypatch: pytest.MonkeyPatch) -> None:
