@@ -99,8 +99,11 @@ class HeldCalls(Calls):
         libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the lock
         c_int, c_uint, c_char_p = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p
         self._openat = _fn(libc, "openat", c_int, c_int, c_char_p, c_int, c_uint)
-        self._pwrite = _fn(libc, "pwrite", ctypes.c_ssize_t, c_int, c_char_p, ctypes.c_size_t,
-                           ctypes.c_long)
+        # pwrite64: a 64-bit offset on 32-bit glibc too; musl has only pwrite, whose
+        # offset is always 64 bits
+        pwrite = "pwrite64" if hasattr(libc, "pwrite64") else "pwrite"
+        self._pwrite = _fn(libc, pwrite, ctypes.c_ssize_t, c_int, c_char_p, ctypes.c_size_t,
+                           ctypes.c_int64)
         self._fchmod = _fn(libc, "fchmod", c_int, c_int, c_uint)
         self._futimens = _fn(libc, "futimens", c_int, c_int, ctypes.POINTER(_Timespecs))
         self._close = _fn(libc, "close", c_int, c_int)

@@ -83,6 +83,18 @@ def test_create_write_finish_rename(calls: Calls, dir_fd: int, tmp_path: Path) -
     assert not (tmp_path / "staged").exists()
 
 
+def test_offsets_past_4_gib(calls: Calls, dir_fd: int, tmp_path: Path) -> None:
+    fd = calls.open_at(dir_fd, b"sparse", FLAGS, 0o600)
+    try:
+        calls.pwrite_all(fd, b"far", 5 << 30)  # a hole before it: nothing allocated
+    finally:
+        calls.close(fd)
+    with open(tmp_path / "sparse", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == (5 << 30) + 3
+        f.seek(5 << 30)
+        assert f.read() == b"far"
+
+
 def test_times_before_1970(calls: Calls, dir_fd: int, tmp_path: Path) -> None:
     fd = calls.open_at(dir_fd, b"old", FLAGS, 0o600)
     try:
