@@ -113,6 +113,7 @@ class HeldCalls(Calls):
 
     def open_at(self, dir_fd: int, name: bytes, flags: int, mode: int) -> int:
         _check_name(name)
+        flags |= os.O_CLOEXEC  # as os.open does: no fd leaks into a child (PEP 446)
         while (fd := self._openat(dir_fd, name, flags, mode)) < 0:
             if ctypes.get_errno() != errno.EINTR:
                 raise _error(name)

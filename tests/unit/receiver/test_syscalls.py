@@ -83,6 +83,14 @@ def test_create_write_finish_rename(calls: Calls, dir_fd: int, tmp_path: Path) -
     assert not (tmp_path / "staged").exists()
 
 
+def test_fds_are_not_inherited(calls: Calls, dir_fd: int) -> None:
+    fd = calls.open_at(dir_fd, b"f", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert not os.get_inheritable(fd)  # no O_CLOEXEC asked for: there all the same
+    finally:
+        calls.close(fd)
+
+
 def test_offsets_past_4_gib(calls: Calls, dir_fd: int, tmp_path: Path) -> None:
     fd = calls.open_at(dir_fd, b"sparse", FLAGS, 0o600)
     try:
