@@ -158,7 +158,7 @@ def check_mutation(m: Mutation) -> None:
 
 
 def _row(raw_path: bytes, e: Entry) -> tuple[object, ...]:
-    """The values of _UPSERT (the columns of _COLUMNS) for the entry at `raw_path`."""
+    """The values of _UPSERT_VALUES (the columns of _COLUMNS) for the entry at `raw_path`."""
     return (raw_path, e.kind, e.size, e.mtime_ns, e.ctime_ns, _ino_to_db(e.ino), e.mode, e.uid,
             e.gid, os.fsencode(e.target), e.digest, e.stat_ns, e.xattr_digest)
 
@@ -225,11 +225,8 @@ _UPSERT_VALUES = (  # one row or many (see sqlrows): {values}
     "digest = excluded.digest, stat_ns = excluded.stat_ns, "
     "xattr_digest = excluded.xattr_digest"
 )
-_UPSERT = _UPSERT_VALUES.format(values="(" + ", ".join(["?"] * 13) + ")")
-# a file's hashes, by its path
-_HASHES_BY_PATH = "INSERT OR REPLACE INTO hashes (id, data) SELECT id, ? FROM files WHERE path = ?"
-# the same for many files, (hashes, path) pairs: with _UPSERT_VALUES, a run of files takes
-# two statements per few dozen files (see sqlrows); the paths must differ
+# files' hashes by their paths, (hashes, path) pairs: with _UPSERT_VALUES, a run of files
+# takes two statements per few dozen files (see sqlrows); the paths must differ
 _HASHES_BY_PATHS = ("INSERT OR REPLACE INTO hashes (id, data) SELECT files.id, v.column1 "
                     "FROM (VALUES {values}) AS v JOIN files ON files.path = v.column2")
 
@@ -499,12 +496,12 @@ class Index:
         e = m.entry
         if e.kind != KIND_DIR and below:
             self._delete(_BELOW, (raw + b"/", raw + b"0"))
-        self._db.execute(_UPSERT, _row(raw, e))
+        execute_values(self._db, _UPSERT_VALUES, [_row(raw, e)])
         if m.hashes is None:
             self._db.execute("DELETE FROM hashes WHERE id = (SELECT id FROM files "
                              "WHERE path = ?)", (raw,))
         else:
-            self._db.execute(_HASHES_BY_PATH, (m.hashes, raw))
+            execute_values(self._db, _HASHES_BY_PATHS, [(m.hashes, raw)])
 
     def _put_files(self, puts: list[Put]) -> None:
         """`_put(m, below=False)` for each of `puts`, files with hashes, many files to a
